@@ -1,0 +1,1 @@
+"""Training side: the Transformer model, tokenizer, data pipeline and training loop (needs torch)."""
