@@ -1,0 +1,3 @@
+"""nmt: a Transformer translation system (train -> export -> serve)."""
+
+__version__ = "0.1.0"

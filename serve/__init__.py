@@ -1,0 +1,1 @@
+"""Serving side: bundle loading, the ONNX Runtime engine and the gRPC service. Never imports torch."""

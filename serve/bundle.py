@@ -1,0 +1,181 @@
+"""The bundle contract: file names, graph IO names and the manifest. One module owns them.
+
+export/ writes bundles with these names; the engine checks a loaded session against them
+and reads the per-layer names from the session and the manifest (not from copied constants).
+
+Encoder graph (`encoder.onnx`)
+  in : input_ids [batch, src_len] int64, attention_mask [batch, src_len] bool
+  out: last_hidden_state [batch, src_len, d_model],
+       present.{i}.encoder.key / .value [batch, heads, src_len, head_dim]  (every decoder layer's cross K/V)
+Decoder graph (`decoder.onnx`), one graph for every step (first step with past_len = 0)
+  in : input_ids, position_ids [batch, new_len] int64,
+       self_attention_mask [batch, new_len, past_len + new_len] bool,
+       encoder_attention_mask [batch, src_len] bool,
+       past_key_values.{i}.decoder.key / .value [batch, heads, past_len, head_dim],
+       past_key_values.{i}.encoder.key / .value [batch, heads, src_len, head_dim],
+       top_k [1] int64
+  out: log_probs [batch, new_len, vocab],
+       topk_values / topk_indices [batch, top_k]  (of the last position: all a step needs on the host),
+       present.{i}.decoder.key / .value [batch, heads, past_len + new_len, head_dim]
+Reorder graph (`reorder.onnx`): a gather on the batch axis, so beams and finished rows are
+  reordered/dropped where the cache lives (on the GPU) without a host round trip.
+  in : index [new_batch] int64, and every cache tensor of the decoder plus encoder_attention_mask
+  out: "reordered." + each of those names
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+REORDER_FILE = "reorder.onnx"
+TOKENIZER_FILE = "tokenizer.model"
+MANIFEST_FILE = "manifest.json"
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+LAST_HIDDEN_STATE = "last_hidden_state"
+POSITION_IDS = "position_ids"
+SELF_ATTENTION_MASK = "self_attention_mask"
+ENCODER_ATTENTION_MASK = "encoder_attention_mask"
+TOP_K = "top_k"
+LOG_PROBS = "log_probs"
+TOPK_VALUES = "topk_values"
+TOPK_INDICES = "topk_indices"
+REORDER_INDEX = "index"
+REORDERED_PREFIX = "reordered."
+
+
+def past_name(layer: int, kind: str, which: str) -> str:
+    """kind: 'decoder' (self-attention cache) or 'encoder' (cross-attention K/V); which: 'key'/'value'."""
+    return f"past_key_values.{layer}.{kind}.{which}"
+
+
+def present_name(layer: int, kind: str, which: str) -> str:
+    return f"present.{layer}.{kind}.{which}"
+
+
+def encoder_output_names(n_layers: int) -> list[str]:
+    return [LAST_HIDDEN_STATE] + [present_name(i, "encoder", w) for i in range(n_layers) for w in ("key", "value")]
+
+
+def decoder_input_names(n_layers: int) -> list[str]:
+    names = [INPUT_IDS, POSITION_IDS, SELF_ATTENTION_MASK, ENCODER_ATTENTION_MASK]
+    names += [past_name(i, k, w) for i in range(n_layers) for k in ("decoder", "encoder") for w in ("key", "value")]
+    return names + [TOP_K]
+
+
+def decoder_output_names(n_layers: int) -> list[str]:
+    return [LOG_PROBS, TOPK_VALUES, TOPK_INDICES] + [
+        present_name(i, "decoder", w) for i in range(n_layers) for w in ("key", "value")]
+
+
+def reorder_input_names(n_layers: int) -> list[str]:
+    cache = [past_name(i, k, w) for i in range(n_layers) for k in ("decoder", "encoder") for w in ("key", "value")]
+    return [REORDER_INDEX, ENCODER_ATTENTION_MASK] + cache
+
+
+def dynamic_axes(n_layers: int) -> dict[str, dict[str, dict[int, str]]]:
+    """Dynamic axes per graph, as torch.onnx.export wants them."""
+    enc_kv = {0: "batch", 2: "src_len"}
+    enc = {INPUT_IDS: {0: "batch", 1: "src_len"}, ATTENTION_MASK: {0: "batch", 1: "src_len"},
+           LAST_HIDDEN_STATE: {0: "batch", 1: "src_len"}}
+    enc.update({n: enc_kv for n in encoder_output_names(n_layers)[1:]})
+    dec: dict[str, dict[int, str]] = {
+        INPUT_IDS: {0: "batch", 1: "new_len"}, POSITION_IDS: {0: "batch", 1: "new_len"},
+        SELF_ATTENTION_MASK: {0: "batch", 1: "new_len", 2: "total_len"},
+        ENCODER_ATTENTION_MASK: {0: "batch", 1: "src_len"},
+        LOG_PROBS: {0: "batch", 1: "new_len"}, TOPK_VALUES: {0: "batch", 1: "k"}, TOPK_INDICES: {0: "batch", 1: "k"},
+    }
+    for i in range(n_layers):
+        for w in ("key", "value"):
+            dec[past_name(i, "decoder", w)] = {0: "batch", 2: "past_len"}
+            dec[past_name(i, "encoder", w)] = enc_kv
+            dec[present_name(i, "decoder", w)] = {0: "batch", 2: "total_len"}
+    return {"encoder": enc, "decoder": dec}
+
+
+class BundleError(Exception):
+    """A bundle that cannot be served: the message names the file and the problem."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """manifest.json as a dataclass; `raw` keeps every field (training meta, validation, ...)."""
+
+    format_version: int
+    name: str
+    src_lang: str
+    tgt_lang: str
+    dtype: str
+    opset: int
+    n_encoder_layers: int
+    n_decoder_layers: int
+    d_model: int
+    n_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    pad_id: int
+    unk_id: int
+    bos_id: int
+    eos_id: int
+    files: dict[str, dict[str, Any]]
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+REQUIRED_KEYS = ("format_version", "name", "src_lang", "tgt_lang", "dtype", "opset", "model", "special_ids", "files")
+
+
+def read_manifest(bundle_dir: str | Path, verify_checksums: bool = True) -> Manifest:
+    """Read and check a bundle's manifest: format version, required keys, files present, SHA-256."""
+    d = Path(bundle_dir)
+    path = d / MANIFEST_FILE
+    if not path.is_file():
+        raise BundleError(f"{d}: not a model bundle ({MANIFEST_FILE} missing)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: invalid JSON ({e})") from None
+    missing = [k for k in REQUIRED_KEYS if k not in raw]
+    if missing:
+        raise BundleError(f"{path}: missing keys {', '.join(missing)}")
+    if raw["format_version"] != FORMAT_VERSION:
+        raise BundleError(f"{path}: format_version {raw['format_version']} is not supported "
+                          f"(this server reads {FORMAT_VERSION})")
+    problems = []
+    for fname, info in raw["files"].items():
+        fpath = d / fname
+        if not fpath.is_file():
+            problems.append(f"{fname} missing")
+        elif verify_checksums and sha256_file(fpath) != info.get("sha256"):
+            problems.append(f"{fname} checksum mismatch (corrupted or replaced)")
+    if problems:
+        raise BundleError(f"{d}: " + "; ".join(problems))
+    m, s = raw["model"], raw["special_ids"]
+    try:
+        return Manifest(
+            format_version=raw["format_version"], name=raw["name"], src_lang=raw["src_lang"],
+            tgt_lang=raw["tgt_lang"], dtype=raw["dtype"], opset=raw["opset"],
+            n_encoder_layers=m["n_encoder_layers"], n_decoder_layers=m["n_decoder_layers"],
+            d_model=m["d_model"], n_heads=m["n_heads"], head_dim=m["head_dim"], vocab_size=m["vocab_size"],
+            max_positions=m["max_positions"], pad_id=s["pad"], unk_id=s["unk"], bos_id=s["bos"],
+            eos_id=s["eos"], files=raw["files"], raw=raw,
+        )
+    except KeyError as e:
+        raise BundleError(f"{path}: missing key {e}") from None

@@ -1,0 +1,79 @@
+"""Plain dataclasses the engine speaks (no protobuf): options in, results out."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+
+class InvalidRequest(ValueError):
+    """Input the caller must fix (maps to INVALID_ARGUMENT); the message names the problem."""
+
+
+class Cancelled(Exception):
+    """Decoding stopped because the request's stop signal was set (cancelled or deadline passed)."""
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    beam_size: int = 1  # 1 = greedy
+    length_penalty: float = 1.0  # GNMT-style ((5+len)/6)^alpha; 0 = raw log-prob sum
+    n_best: int = 1  # hypotheses returned per text (<= beam_size)
+    max_length_a: float = 1.5  # max output tokens = a * source_tokens + b (capped by the model)
+    max_length_b: int = 10
+    min_length: int = 0  # EOS is forbidden before this many tokens
+    return_scores: bool = False
+    return_alignments: bool = False
+
+    def errors(self) -> list[str]:
+        errs = []
+        if not 1 <= self.beam_size <= 16:
+            errs.append(f"beam_size must be in [1, 16], got {self.beam_size}")
+        if not 1 <= self.n_best <= max(1, self.beam_size):
+            errs.append(f"n_best must be in [1, beam_size={self.beam_size}], got {self.n_best}")
+        if self.length_penalty < 0:
+            errs.append(f"length_penalty must be >= 0, got {self.length_penalty}")
+        if self.max_length_a < 0 or self.max_length_b < 0:
+            errs.append("max_length_a and max_length_b must be >= 0")
+        if self.min_length < 0:
+            errs.append(f"min_length must be >= 0, got {self.min_length}")
+        return errs
+
+    def validate(self) -> DecodeOptions:
+        errs = self.errors()
+        if errs:
+            raise InvalidRequest("invalid options: " + "; ".join(errs))
+        return self
+
+
+@dataclass
+class Hypothesis:
+    text: str
+    tokens: list[int]  # target ids, without bos/eos
+    score: float  # length-normalised log-probability used for ranking
+    log_prob: float  # raw sum of token log-probabilities
+    alignment: list[int] | None = None  # per target token: index of the source token attended most
+
+
+@dataclass
+class TranslationResult:
+    hypotheses: list[Hypothesis]  # best first, n_best of them
+    source_tokens: int
+
+    @property
+    def text(self) -> str:
+        return self.hypotheses[0].text
+
+
+@dataclass
+class StopSignal:
+    """Checked by the decoding loop every step: set it (or pass a deadline) and decoding stops."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+    deadline: float | None = None  # time.monotonic() value
+
+    def set(self) -> None:
+        self.event.set()
+
+    def stopped(self, now: float) -> bool:
+        return self.event.is_set() or (self.deadline is not None and now >= self.deadline)
