@@ -1,0 +1,1 @@
+"""Benchmarks: side-by-side measurements that print tables (never timed unit tests)."""
