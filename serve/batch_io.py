@@ -129,14 +129,14 @@ def format_line(seg: Segment, out: Outcome, fmt: str, with_scores: bool) -> str:
         if out.translation is not None:
             record["translation"] = out.translation
             if with_scores and out.score is not None:
-                record["score"] = round(out.score, 6)
+                record["score"] = round(out.score, 4)
         if out.error is not None:
             record["error"] = out.error
         return json.dumps(record, ensure_ascii=False) + "\n"
     # A translation never spans lines in txt: the line numbers of input and output must agree.
     text = " ".join((out.translation or "").splitlines())
     if with_scores:
-        text = f"{out.score if out.score is not None else float('nan'):.6f}\t{text}"
+        text = f"{out.score if out.score is not None else float('nan'):.4f}\t{text}"
     return text + "\n"
 
 
@@ -272,6 +272,11 @@ class OrderedOutput:
     @property
     def committed_lines(self) -> int:
         return self.state.committed_lines
+
+    @property
+    def waiting(self) -> int:
+        """Finished chunks held back until an earlier chunk is committed."""
+        return len(self._waiting)
 
     def add(self, first_line: int, lines: list[str]) -> int:
         """Hand in a finished chunk; writes every chunk now in order. Returns lines committed by this call."""
