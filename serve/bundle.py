@@ -62,14 +62,20 @@ def present_name(layer: int, kind: str, which: str) -> str:
     return f"present.{layer}.{kind}.{which}"
 
 
+def cache_names(n_layers: int) -> list[str]:
+    """Every cache input of the decoder, per layer: self key, self value, cross key, cross value."""
+    kinds = ("decoder", "encoder")
+    return [past_name(i, k, w) for i in range(n_layers) for k in kinds for w in ("key", "value")]
+
+
 def encoder_output_names(n_layers: int) -> list[str]:
-    return [LAST_HIDDEN_STATE] + [present_name(i, "encoder", w) for i in range(n_layers) for w in ("key", "value")]
+    cross = [present_name(i, "encoder", w) for i in range(n_layers) for w in ("key", "value")]
+    return [LAST_HIDDEN_STATE] + cross
 
 
 def decoder_input_names(n_layers: int) -> list[str]:
     names = [INPUT_IDS, POSITION_IDS, SELF_ATTENTION_MASK, ENCODER_ATTENTION_MASK]
-    names += [past_name(i, k, w) for i in range(n_layers) for k in ("decoder", "encoder") for w in ("key", "value")]
-    return names + [TOP_K]
+    return names + cache_names(n_layers) + [TOP_K]
 
 
 def decoder_output_names(n_layers: int) -> list[str]:
@@ -78,8 +84,11 @@ def decoder_output_names(n_layers: int) -> list[str]:
 
 
 def reorder_input_names(n_layers: int) -> list[str]:
-    cache = [past_name(i, k, w) for i in range(n_layers) for k in ("decoder", "encoder") for w in ("key", "value")]
-    return [REORDER_INDEX, ENCODER_ATTENTION_MASK] + cache
+    return [REORDER_INDEX, ENCODER_ATTENTION_MASK] + cache_names(n_layers)
+
+
+def reorder_output_names(n_layers: int) -> list[str]:
+    return [REORDERED_PREFIX + n for n in reorder_input_names(n_layers)[1:]]
 
 
 def dynamic_axes(n_layers: int) -> dict[str, dict[str, dict[int, str]]]:
@@ -92,14 +101,21 @@ def dynamic_axes(n_layers: int) -> dict[str, dict[str, dict[int, str]]]:
         INPUT_IDS: {0: "batch", 1: "new_len"}, POSITION_IDS: {0: "batch", 1: "new_len"},
         SELF_ATTENTION_MASK: {0: "batch", 1: "new_len", 2: "total_len"},
         ENCODER_ATTENTION_MASK: {0: "batch", 1: "src_len"},
-        LOG_PROBS: {0: "batch", 1: "new_len"}, TOPK_VALUES: {0: "batch", 1: "k"}, TOPK_INDICES: {0: "batch", 1: "k"},
+        LOG_PROBS: {0: "batch", 1: "new_len"},
+        TOPK_VALUES: {0: "batch", 1: "k"}, TOPK_INDICES: {0: "batch", 1: "k"},
     }
     for i in range(n_layers):
         for w in ("key", "value"):
             dec[past_name(i, "decoder", w)] = {0: "batch", 2: "past_len"}
             dec[past_name(i, "encoder", w)] = enc_kv
             dec[present_name(i, "decoder", w)] = {0: "batch", 2: "total_len"}
-    return {"encoder": enc, "decoder": dec}
+    # Reorder: inputs have `batch` rows, outputs the index's `new_batch` rows.
+    reo: dict[str, dict[int, str]] = {REORDER_INDEX: {0: "new_batch"}}
+    for name in reorder_input_names(n_layers)[1:]:
+        axes = {a: n for a, n in dec[name].items() if a != 0}
+        reo[name] = {0: "batch", **axes}
+        reo[REORDERED_PREFIX + name] = {0: "new_batch", **axes}
+    return {"encoder": enc, "decoder": dec, "reorder": reo}
 
 
 class BundleError(Exception):
@@ -139,7 +155,8 @@ class Manifest:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-REQUIRED_KEYS = ("format_version", "name", "src_lang", "tgt_lang", "dtype", "opset", "model", "special_ids", "files")
+REQUIRED_KEYS = ("format_version", "name", "src_lang", "tgt_lang", "dtype", "opset", "model", "special_ids",
+                 "files")
 
 
 def read_manifest(bundle_dir: str | Path, verify_checksums: bool = True) -> Manifest:

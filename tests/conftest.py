@@ -61,3 +61,19 @@ def tiny_checkpoint(tmp_path_factory, data_dir) -> Path:
     atomic_torch_save(make_checkpoint(model.eval(), tok, train_config=tc, step=150,
                                       meta={"src_lang": "en", "tgt_lang": "de"}), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The fp32 bundle (validated on export) of `tiny_checkpoint`."""
+    from export.pipeline import export_bundle
+
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundles") / "tiny-fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_int8(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The int8 (dynamically quantized) bundle of `tiny_checkpoint`."""
+    from export.pipeline import export_bundle
+
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundles") / "tiny-int8", dtype="int8")

@@ -1,0 +1,46 @@
+"""`nmt export CHECKPOINT --out DIR [--dtype fp32|fp16|int8] [--opset N] [--name NAME] [--force]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from export.pipeline import DEFAULT_OPSET, DTYPES, ExportError, export_bundle
+from serve.bundle import read_manifest
+from train.checkpoint import CheckpointError
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="nmt export",
+                                description="Export a checkpoint to a validated ONNX bundle.")
+    p.add_argument("checkpoint", help="checkpoint file written by `nmt train` (or `nmt average`)")
+    p.add_argument("--out", required=True, help="bundle directory to create")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="fp32 (default), fp16 (CUDA) or int8 (dynamic quantization, CPU)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--name", help="model name served under (default: SRC-TGT from the checkpoint)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        out = export_bundle(args.checkpoint, args.out, args.dtype, opset=args.opset, name=args.name,
+                            force=args.force)
+    except (ExportError, CheckpointError) as e:
+        print(f"nmt export: {e}", file=sys.stderr)
+        return 1
+    m = read_manifest(out)
+    v = m.raw["validation"]
+    size = sum(f["bytes"] for f in m.files.values())
+    if v.get("skipped"):
+        check = f"not validated: {v['reason']}"
+    else:
+        check = (f"validated: worst {v['worst']['output']} diff {v['worst']['max_abs_diff']:.2g}, "
+                 f"greedy {v['greedy']['identical']}/{v['greedy']['sentences']} identical")
+    print(f"{out}: {m.name} {m.dtype} opset {m.opset}, {size / 1e6:.1f} MB in "
+          f"{time.perf_counter() - start:.1f}s; {check}")
+    return 0

@@ -1,0 +1,265 @@
+"""Checkpoint -> bundle, in a fixed order: build -> export -> validate -> save.
+
+Everything is written into a temporary directory beside the target and renamed into place
+only after validation passed, so a crash, a full disk or a failed validation never leaves a
+half bundle behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+import torch
+
+from export.graphs import DecoderGraph, EncoderGraph, ReorderGraph
+from export.validate import validate_graphs
+from serve import bundle as sb
+from train.checkpoint import load_checkpoint, model_from_checkpoint
+from train.model import Transformer
+from train.tokenizer import Tokenizer
+
+DTYPES = ("fp32", "fp16", "int8")
+DEFAULT_OPSET = 17  # well covered by ONNX Runtime's CPU and CUDA kernels and by the TorchScript exporter
+GRAPH_FILES = (sb.ENCODER_FILE, sb.DECODER_FILE, sb.REORDER_FILE)
+
+
+class ExportError(Exception):
+    """An export that cannot proceed or did not validate; the message is one line for the user."""
+
+
+def example_inputs(model: Transformer, cache_dtype: torch.dtype = torch.float32) -> dict[str, tuple]:
+    """Small example inputs per graph. Sizes are deliberately odd (B=2, S=5, P=3) and validation
+    uses other sizes, so a dimension the tracer baked in is caught."""
+    cfg = model.cfg
+    L, H, Dh = cfg.n_decoder_layers, cfg.n_heads, cfg.head_dim
+    B, S, P, T = 2, 5, 3, 1
+    ids = torch.randint(4, cfg.src_vocab_size, (B, S))  # (B, S)
+    src_mask = torch.ones(B, S, dtype=torch.bool)  # (B, S)
+    src_mask[1, -2:] = False  # a padded row, so masking is traced through data, not constants
+    cache = []
+    for _ in range(L):
+        cache += [torch.randn(B, H, P, Dh, dtype=cache_dtype) for _ in range(2)]  # self past (B, H, P, Dh)
+        cache += [torch.randn(B, H, S, Dh, dtype=cache_dtype) for _ in range(2)]  # cross (B, H, S, Dh)
+    decoder = (torch.randint(4, cfg.tgt_vocab_size, (B, T)), torch.full((B, T), P),
+               torch.ones(B, T, P + T, dtype=torch.bool), src_mask, *cache, torch.tensor([3]))
+    reorder = (torch.tensor([1, 0, 1]), src_mask, *cache)
+    return {"encoder": (ids, src_mask), "decoder": decoder, "reorder": reorder}
+
+
+def export_graphs(model: Transformer, out_dir: Path, opset: int) -> None:
+    """The three fp32 graphs, with the names and dynamic axes serve.bundle defines."""
+    L = model.cfg.n_decoder_layers
+    ex, axes = example_inputs(model), sb.dynamic_axes(L)
+    specs = [
+        (EncoderGraph(model), ex["encoder"], sb.ENCODER_FILE, [sb.INPUT_IDS, sb.ATTENTION_MASK],
+         sb.encoder_output_names(L), axes["encoder"]),
+        (DecoderGraph(model), ex["decoder"], sb.DECODER_FILE, sb.decoder_input_names(L),
+         sb.decoder_output_names(L), axes["decoder"]),
+        (ReorderGraph(), ex["reorder"], sb.REORDER_FILE, sb.reorder_input_names(L),
+         sb.reorder_output_names(L), axes["reorder"]),
+    ]
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about Python ints taken from shapes (head_dim); validation runs other
+        # shapes than the example, so a size that really got baked in fails there.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        for module, args, fname, inputs, outputs, dyn in specs:
+            torch.onnx.export(module.eval(), args, str(out_dir / fname), input_names=inputs,
+                              output_names=outputs, dynamic_axes=dyn, opset_version=opset,
+                              do_constant_folding=True, dynamo=False)
+
+
+def quantize_int8(out_dir: Path) -> None:
+    """Dynamic int8 quantization of the MatMul/Gemm weights; IO stays float32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for fname in (sb.ENCODER_FILE, sb.DECODER_FILE):
+        path = out_dir / fname
+        tmp = out_dir / f"{fname}.int8"
+        quantize_dynamic(path, tmp, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+        os.replace(tmp, path)
+
+
+def convert_fp16(model: Transformer, out_dir: Path, opset: int) -> None:
+    """fp16 weights and compute for CUDA. The K/V cache is fp16 too (half the memory, no casts per
+    step); ids, masks, log_probs and topk_values stay as they are, LogSoftmax/TopK run in fp32."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    keep = {sb.ENCODER_FILE: [], sb.DECODER_FILE: [sb.LOG_PROBS, sb.TOPK_VALUES]}
+    for fname, keep_io in keep.items():
+        path = out_dir / fname
+        m = convert_float_to_float16(onnx.load(str(path)), keep_io_types=keep_io,
+                                     op_block_list=list(DEFAULT_OP_BLOCK_LIST) + ["LogSoftmax", "TopK"])
+        onnx.save(m, str(path))
+    # The reorder graph is a pure gather: re-export it with fp16 cache inputs.
+    L = model.cfg.n_decoder_layers
+    with torch.no_grad():
+        torch.onnx.export(ReorderGraph(), example_inputs(model, torch.float16)["reorder"],
+                          str(out_dir / sb.REORDER_FILE), input_names=sb.reorder_input_names(L),
+                          output_names=sb.reorder_output_names(L), dynamic_axes=sb.dynamic_axes(L)["reorder"],
+                          opset_version=opset, dynamo=False)
+
+
+def graph_io(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Names, element types and shapes (symbolic axes by name) of a graph's inputs and outputs."""
+    g = onnx.load(str(path), load_external_data=False).graph
+
+    def describe(v: onnx.ValueInfoProto) -> dict[str, Any]:
+        t = v.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        return {"name": v.name, "dtype": dtype, "shape": shape}
+
+    return {"inputs": [describe(v) for v in g.input], "outputs": [describe(v) for v in g.output]}
+
+
+def build_manifest(ckpt: dict[str, Any], model: Transformer, out_dir: Path, *, name: str, dtype: str,
+                   opset: int, validation: dict[str, Any], export_seconds: float) -> dict[str, Any]:
+    cfg, meta = model.cfg, ckpt.get("meta", {})
+    files = [*GRAPH_FILES, sb.TOKENIZER_FILE]
+    io = {g: graph_io(out_dir / f) for g, f in zip(("encoder", "decoder", "reorder"), GRAPH_FILES)}
+    cache_dtype = next(i["dtype"] for i in io["decoder"]["inputs"]
+                       if i["name"] == sb.past_name(0, "decoder", "key"))
+    return {
+        "format_version": sb.FORMAT_VERSION,
+        "name": name,
+        "src_lang": meta.get("src_lang", ckpt.get("train_config", {}).get("src_lang", "")),
+        "tgt_lang": meta.get("tgt_lang", ckpt.get("train_config", {}).get("tgt_lang", "")),
+        "dtype": dtype,
+        "opset": opset,
+        "model": {
+            "n_encoder_layers": cfg.n_encoder_layers, "n_decoder_layers": cfg.n_decoder_layers,
+            "d_model": cfg.d_model, "n_heads": cfg.n_heads, "head_dim": cfg.head_dim, "d_ff": cfg.d_ff,
+            "vocab_size": cfg.tgt_vocab_size, "src_vocab_size": cfg.src_vocab_size,
+            "tgt_vocab_size": cfg.tgt_vocab_size, "max_positions": cfg.max_positions,
+            "pre_norm": cfg.pre_norm, "share_embeddings": cfg.share_embeddings, "tie_output": cfg.tie_output,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "special_ids": {"pad": cfg.pad_id, "unk": cfg.unk_id, "bos": cfg.bos_id, "eos": cfg.eos_id},
+        "io_dtypes": {"cache": cache_dtype, "log_probs": "float32", "topk_values": "float32",
+                      "ids": "int64", "masks": "bool"},
+        "files": {f: {"sha256": sb.sha256_file(out_dir / f), "bytes": (out_dir / f).stat().st_size}
+                  for f in files},
+        "io": io,
+        "validation": validation,
+        "training": {"step": ckpt.get("step"), **{k: v for k, v in meta.items() if is_json_scalar(v)}},
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "export_seconds": round(export_seconds, 2),
+        "exporter": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+    }
+
+
+def is_json_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def prepare_target(out_dir: Path, force: bool) -> Path:
+    """Check the target and create the temporary directory beside it (same filesystem: rename is atomic)."""
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir} already exists (use --force to replace it)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a directory")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is read by whichever user serves it
+        return tmp
+    except OSError as e:
+        raise ExportError(f"cannot write to {out_dir.parent}: {e.strerror or e}") from None
+
+
+def move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished bundle into place; an old bundle (--force) is swapped out first, then deleted."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, dtype: str = "fp32", *,
+                  opset: int = DEFAULT_OPSET, name: str | None = None, force: bool = False,
+                  providers: list[str] | None = None) -> Path:
+    """Export a checkpoint to a validated bundle directory and return its path.
+
+    Raises ExportError (bad arguments, unwritable target, failed validation: nothing written)
+    or train.checkpoint.CheckpointError (missing or unreadable checkpoint).
+    """
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    out_dir = Path(out_dir)
+    ckpt = load_checkpoint(checkpoint_path)
+    model, tokenizer = model_from_checkpoint(ckpt)
+    tmp = prepare_target(out_dir, force)
+    try:
+        start = time.perf_counter()
+        export_graphs(model, tmp, opset)
+        if dtype == "int8":
+            quantize_int8(tmp)
+        elif dtype == "fp16":
+            convert_fp16(model, tmp, opset)
+        for f in GRAPH_FILES:
+            onnx.checker.check_model(str(tmp / f))
+        export_seconds = time.perf_counter() - start
+        validation = run_validation(model, tokenizer, tmp, dtype, providers)
+        if not validation["passed"] and not validation.get("skipped"):
+            raise ExportError(f"validation failed ({dtype}): " + "; ".join(validation["failures"]))
+        tokenizer.save(tmp / sb.TOKENIZER_FILE)
+        manifest = build_manifest(ckpt, model, tmp, name=name or default_name(ckpt, out_dir), dtype=dtype,
+                                  opset=opset, validation=validation, export_seconds=export_seconds)
+        write_json(tmp / sb.MANIFEST_FILE, manifest)
+        sb.read_manifest(tmp)  # the engine's own reader must accept what we wrote
+        move_into_place(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise ExportError(f"cannot write bundle {out_dir}: {reason}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def run_validation(model: Transformer, tokenizer: Tokenizer, graph_dir: Path, dtype: str,
+                   providers: list[str] | None) -> dict[str, Any]:
+    """Validate on the given providers; fp16 graphs the CPU provider cannot run are recorded unvalidated."""
+    if providers is None and dtype == "fp16":
+        providers = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in usable_providers() else None
+    try:
+        return validate_graphs(model, tokenizer, graph_dir, dtype, providers)
+    except Exception as e:  # ORT raises its own exception types for missing kernels
+        if dtype != "fp16":
+            raise
+        return {"passed": False, "skipped": True, "failures": [],
+                "reason": f"fp16 graphs need the CUDA execution provider to validate "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"}
+
+
+def usable_providers() -> list[str]:
+    """Providers that can actually start here (onnxruntime-gpu lists CUDA even without a GPU)."""
+    if torch.cuda.is_available():
+        return ort.get_available_providers()
+    return ["CPUExecutionProvider"]
+
+
+def default_name(ckpt: dict[str, Any], out_dir: Path) -> str:
+    meta = ckpt.get("meta", {})
+    if meta.get("src_lang") and meta.get("tgt_lang"):
+        return f"{meta['src_lang']}-{meta['tgt_lang']}"
+    return out_dir.name
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")

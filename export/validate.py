@@ -1,0 +1,262 @@
+"""Validation of exported graphs against the PyTorch model they came from.
+
+Every export runs these checks on a batch of real sentences and fresh random sources, with
+batch size and lengths different from the export example (so a baked-in shape shows up):
+  * encoder: every output (states and each layer's cross K/V) vs PyTorch;
+  * decoder: teacher-forced one token at a time WITH the cache (first step on an empty past)
+    vs PyTorch's full-sequence pass: log_probs, top-k and the final present K/V;
+  * reorder: the gather equals numpy's take on the batch axis, exactly;
+  * greedy: the cached ORT greedy decode equals PyTorch's uncached greedy decode, token for token.
+The report (a JSON-able dict) goes into the manifest; `passed` says whether the dtype's tolerance held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from serve import bundle as sb
+from serve.types import DecodeOptions
+from train.decode import greedy_decode, max_new_tokens, source_ids
+from train.model import Transformer
+from train.tokenizer import Tokenizer
+
+# Short and long, plain and with punctuation: the lengths differ so the batch is padded.
+SENTENCES = [
+    "A man in a blue shirt is standing on a ladder cleaning windows.",
+    "Two dogs play in the snow.",
+    "A little girl climbs into a wooden playhouse while her father watches from the porch.",
+    "People wait at a bus stop.",
+    "Hello!",
+    "A group of young men in red jerseys are playing soccer on a muddy field next to a river.",
+]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_abs_diff: float | None  # bound on every float output; None: reported, not enforced
+    min_argmax_agreement: float  # teacher-forced steps whose argmax equals PyTorch's
+    min_greedy_identical: float  # share of sentences whose greedy tokens equal PyTorch's
+
+
+# fp32 must match PyTorch; reduced precision is judged on the decisions it makes.
+TOLERANCES = {
+    "fp32": Tolerance(max_abs_diff=1e-4, min_argmax_agreement=1.0, min_greedy_identical=1.0),
+    "fp16": Tolerance(max_abs_diff=None, min_argmax_agreement=0.95, min_greedy_identical=0.0),
+    "int8": Tolerance(max_abs_diff=None, min_argmax_agreement=0.8, min_greedy_identical=0.0),
+}
+
+
+def load_sessions(graph_dir: Path, providers: list[str]) -> dict[str, ort.InferenceSession]:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # keep ORT's per-node warnings out of the export log
+    return {g: ort.InferenceSession(str(graph_dir / f), opts, providers=providers)
+            for g, f in (("encoder", sb.ENCODER_FILE), ("decoder", sb.DECODER_FILE),
+                         ("reorder", sb.REORDER_FILE))}
+
+
+def np_dtype(session: ort.InferenceSession, name: str) -> type:
+    """The numpy dtype a session expects for a float input (float32 or float16)."""
+    kind = next(i.type for i in session.get_inputs() if i.name == name)
+    return np.float16 if kind == "tensor(float16)" else np.float32
+
+
+def max_diff(a: np.ndarray, b: torch.Tensor) -> float:
+    return float(np.max(np.abs(a.astype(np.float32) - b.float().numpy()))) if a.size else 0.0
+
+
+def validation_sources(model: Transformer, tokenizer: Tokenizer, n_random: int, seed: int) -> list[list[int]]:
+    """Source ids (EOS included) of the real sentences plus random-id sources of random lengths."""
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    srcs = [source_ids(tokenizer, t, cfg.eos_id)[:cfg.max_positions] for t in SENTENCES]
+    for _ in range(n_random):
+        n = int(torch.randint(1, min(24, cfg.max_positions), (1,), generator=g))
+        srcs.append(torch.randint(4, cfg.src_vocab_size, (n,), generator=g).tolist() + [cfg.eos_id])
+    return srcs
+
+
+def pad_batch(srcs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    S = max(map(len, srcs))
+    ids = torch.tensor([s + [pad_id] * (S - len(s)) for s in srcs])  # (B, S)
+    mask = torch.arange(S)[None, :] < torch.tensor([len(s) for s in srcs])[:, None]  # (B, S)
+    return ids, mask
+
+
+def run_encoder(sess: ort.InferenceSession, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    outs = sess.run(None, {sb.INPUT_IDS: ids.numpy(), sb.ATTENTION_MASK: mask.numpy()})
+    return dict(zip(names, outs))
+
+
+def cross_feed(enc_out: dict[str, np.ndarray], n_layers: int) -> dict[str, np.ndarray]:
+    """The encoder's present.{i}.encoder.* outputs renamed to the decoder's past_key_values inputs."""
+    return {sb.past_name(i, "encoder", w): enc_out[sb.present_name(i, "encoder", w)]
+            for i in range(n_layers) for w in ("key", "value")}
+
+
+def empty_past(sess: ort.InferenceSession, model: Transformer, batch: int) -> dict[str, np.ndarray]:
+    cfg = model.cfg
+    return {sb.past_name(i, "decoder", w): np.zeros((batch, cfg.n_heads, 0, cfg.head_dim),
+                                                      np_dtype(sess, sb.past_name(i, "decoder", w)))
+            for i in range(cfg.n_decoder_layers) for w in ("key", "value")}
+
+
+def decoder_step(sess: ort.InferenceSession, ids: np.ndarray, step: int, src_mask: np.ndarray,
+                 cache: dict[str, np.ndarray], top_k: int) -> dict[str, np.ndarray]:
+    """Feed one new token per row at position `step` over a past of `step` tokens."""
+    B = ids.shape[0]
+    feed = {sb.INPUT_IDS: ids, sb.POSITION_IDS: np.full((B, 1), step, np.int64),
+            sb.SELF_ATTENTION_MASK: np.ones((B, 1, step + 1), bool), sb.ENCODER_ATTENTION_MASK: src_mask,
+            sb.TOP_K: np.array([top_k], np.int64), **cache}
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+
+
+def next_past(out: dict[str, np.ndarray], n_layers: int) -> dict[str, np.ndarray]:
+    return {sb.past_name(i, "decoder", w): out[sb.present_name(i, "decoder", w)]
+            for i in range(n_layers) for w in ("key", "value")}
+
+
+def check_encoder(model: Transformer, sess: ort.InferenceSession, ids: torch.Tensor,
+                  mask: torch.Tensor) -> tuple[dict[str, float], list]:
+    """Max abs diff of every encoder output; also returns PyTorch's cross K/V for the decoder check."""
+    with torch.inference_mode():
+        memory = model.encode(ids, mask)  # (B, S, D)
+        cross = model.cross_kv(memory)
+    out = run_encoder(sess, ids, mask)
+    names = sb.encoder_output_names(model.cfg.n_decoder_layers)
+    ref = [memory] + [t for kv in cross for t in kv]
+    return {f"encoder.{n}": max_diff(out[n], r) for n, r in zip(names, ref)}, cross
+
+
+def check_decoder(model: Transformer, sess: ort.InferenceSession, src_mask: torch.Tensor, cross: list,
+                  targets: torch.Tensor, top_k: int) -> dict[str, Any]:
+    """Teacher-forced decoding one token at a time through the cache vs one uncached PyTorch pass.
+
+    The ORT decoder gets PyTorch's cross K/V, so the figures measure this graph alone.
+    """
+    cfg = model.cfg
+    B, T = targets.shape
+    with torch.inference_mode():
+        positions = torch.arange(T).unsqueeze(0).expand(B, T)  # (B, T)
+        causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)  # (B, T, T)
+        logits, present = model.decode(targets, positions, causal, src_mask, cross, model.empty_past(B))
+        ref_lp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    cache = empty_past(sess, model, B)
+    for i, kv in enumerate(cross):
+        for w, t in zip(("key", "value"), kv):
+            name = sb.past_name(i, "encoder", w)
+            cache[name] = t.numpy().astype(np_dtype(sess, name))
+    lp_diff = val_diff = 0.0
+    agree = topk_agree = 0
+    for t in range(T):
+        out = decoder_step(sess, targets[:, t:t + 1].numpy(), t, src_mask.numpy(), cache, top_k)
+        ref_vals, ref_idx = torch.topk(ref_lp[:, t], top_k, dim=-1)  # (B, k)
+        lp_diff = max(lp_diff, max_diff(out[sb.LOG_PROBS][:, -1], ref_lp[:, t]))
+        val_diff = max(val_diff, max_diff(out[sb.TOPK_VALUES], ref_vals))
+        agree += int((out[sb.LOG_PROBS][:, -1].argmax(-1) == ref_lp[:, t].argmax(-1).numpy()).sum())
+        topk_agree += int((out[sb.TOPK_INDICES] == ref_idx.numpy()).all(-1).sum())
+        cache.update(next_past(out, cfg.n_decoder_layers))
+    diffs = {f"decoder.{sb.LOG_PROBS}": lp_diff, f"decoder.{sb.TOPK_VALUES}": val_diff}
+    for i, kv in enumerate(present):
+        for w, ref in zip(("key", "value"), kv):
+            name = sb.present_name(i, "decoder", w)
+            diffs[f"decoder.{name}"] = max_diff(out[name], ref)
+    return {"max_abs_diff": diffs, "argmax_agreement": agree / (B * T),
+            "topk_index_agreement": topk_agree / (B * T)}
+
+
+def check_reorder(sess: ort.InferenceSession, rng: np.random.Generator, batch: int) -> bool:
+    """Gather rows (repeated, reordered, some dropped) of random tensors shaped like the inputs."""
+    index = np.array([batch - 1, 0, 0, batch // 2], np.int64)  # (B',)
+    feed: dict[str, np.ndarray] = {sb.REORDER_INDEX: index}
+    for i in sess.get_inputs()[1:]:
+        shape = [batch] + [d if isinstance(d, int) else 3 for d in i.shape[1:]]
+        feed[i.name] = (rng.random(shape) > 0.5 if i.type == "tensor(bool)"
+                        else rng.standard_normal(shape).astype(np.float16 if "16" in i.type else np.float32))
+    outs = sess.run(None, feed)
+    return all(np.array_equal(o, np.take(feed[i.name], index, axis=0))
+               for o, i in zip(outs, sess.get_inputs()[1:]))
+
+
+def ort_greedy(sessions: dict[str, ort.InferenceSession], model: Transformer,
+               srcs: list[list[int]]) -> list[list[int]]:
+    """Batched greedy decoding through the bundle graphs with the cache (tokens without EOS)."""
+    cfg = model.cfg
+    ids, mask = pad_batch(srcs, cfg.pad_id)
+    enc = run_encoder(sessions["encoder"], ids, mask)
+    dec = sessions["decoder"]
+    B = len(srcs)
+    cache = {**cross_feed(enc, cfg.n_decoder_layers), **empty_past(dec, model, B)}
+    budgets = [max_new_tokens(len(s), DecodeOptions(), cfg.max_positions) for s in srcs]
+    tokens: list[list[int]] = [[] for _ in srcs]
+    done = [b <= 0 for b in budgets]
+    step_ids = np.full((B, 1), cfg.bos_id, np.int64)  # (B, 1)
+    for step in range(max(budgets)):
+        if all(done):
+            break
+        out = decoder_step(dec, step_ids, step, mask.numpy(), cache, 1)
+        step_ids = out[sb.TOPK_INDICES][:, :1]  # (B, 1) the argmax; TopK puts the lowest id first on ties
+        for r in range(B):
+            if done[r]:
+                continue
+            token = int(step_ids[r, 0])
+            if token == cfg.eos_id:
+                done[r] = True
+            else:
+                tokens[r].append(token)
+                done[r] = len(tokens[r]) >= budgets[r]
+        cache.update(next_past(out, cfg.n_decoder_layers))
+    return tokens
+
+
+def validate_graphs(model: Transformer, tokenizer: Tokenizer, graph_dir: Path, dtype: str,
+                    providers: list[str] | None = None, n_random: int = 2, target_len: int = 12,
+                    top_k: int = 4, seed: int = 0) -> dict[str, Any]:
+    """Run every check; the returned report has `passed` and, when it failed, `failures`."""
+    providers = providers or ["CPUExecutionProvider"]
+    tol = TOLERANCES[dtype]
+    sessions = load_sessions(graph_dir, providers)
+    cfg = model.cfg
+    srcs = validation_sources(model, tokenizer, n_random, seed)
+    ids, mask = pad_batch(srcs, cfg.pad_id)
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randint(4, cfg.tgt_vocab_size, (len(srcs), target_len), generator=g)  # (B, T)
+    targets[:, 0] = cfg.bos_id
+
+    enc_diffs, cross = check_encoder(model, sessions["encoder"], ids, mask)
+    dec = check_decoder(model, sessions["decoder"], mask, cross, targets, top_k)
+    reorder_ok = check_reorder(sessions["reorder"], np.random.default_rng(seed), len(srcs))
+    ours = ort_greedy(sessions, model, srcs[:len(SENTENCES)])
+    ref = [greedy_decode(model, s, DecodeOptions()).tokens for s in srcs[:len(SENTENCES)]]
+    identical = sum(a == b for a, b in zip(ours, ref))
+
+    diffs = {**enc_diffs, **dec["max_abs_diff"]}
+    worst = max(diffs, key=diffs.get)
+    failures = []
+    if not all(np.isfinite(v) for v in diffs.values()):
+        failures.append("non-finite outputs")
+    if tol.max_abs_diff is not None and diffs[worst] > tol.max_abs_diff:
+        failures.append(f"{worst} differs from PyTorch by {diffs[worst]:.3g} "
+                        f"(tolerance {tol.max_abs_diff:g})")
+    if dec["argmax_agreement"] < tol.min_argmax_agreement:
+        failures.append(f"teacher-forced argmax agreement {dec['argmax_agreement']:.3f} "
+                        f"< {tol.min_argmax_agreement}")
+    if identical / len(ref) < tol.min_greedy_identical:
+        failures.append(f"greedy decode identical to PyTorch on {identical}/{len(ref)} sentences")
+    if not reorder_ok:
+        failures.append("reorder graph output differs from a gather on the batch axis")
+    return {
+        "passed": not failures, "failures": failures, "providers": providers, "tolerance": asdict(tol),
+        "inputs": {"sentences": len(SENTENCES), "random_sources": n_random, "batch": len(srcs),
+                   "src_lens": [len(s) for s in srcs], "target_len": target_len, "top_k": top_k},
+        "max_abs_diff": diffs, "worst": {"output": worst, "max_abs_diff": diffs[worst]},
+        "argmax_agreement": dec["argmax_agreement"], "topk_index_agreement": dec["topk_index_agreement"],
+        "reorder_exact": reorder_ok,
+        "greedy": {"sentences": len(ref), "identical": identical},
+    }
