@@ -1,0 +1,214 @@
+"""Greedy and beam search over a batch of sources, on top of a step function.
+
+The search never sees the model: it drives a `StepCache` (serve.session.DecoderCache) that
+runs one decoder step for every row of the running batch and returns only the top-k of each
+row, and that reorders / drops rows on the device. The rules are the shared decoding semantics
+of train/decode.py (the reference these functions must match token for token):
+float32 log-prob sums, EOS masked below min_length, GNMT length normalisation, and the beam
+walk over the 2k best candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from serve.types import DecodeOptions, Hypothesis
+
+
+class StepCache(Protocol):
+    rows: int
+
+    def step(self, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def keep(self, rows: np.ndarray) -> None: ...
+
+
+def max_new_tokens(src_len: int, opts: DecodeOptions, max_positions: int) -> int:
+    """Generation budget (EOS included) for a source of src_len ids (its EOS counted)."""
+    return min(int(opts.max_length_a * src_len + opts.max_length_b), max_positions - 1)
+
+
+def normalised_score(log_prob: float, length: int, length_penalty: float) -> float:
+    """GNMT length normalisation; length counts the EOS when the hypothesis has one."""
+    if length_penalty == 0:
+        return log_prob
+    return log_prob / ((5 + length) / 6) ** length_penalty
+
+
+def hypothesis(tokens: list[int], log_prob: np.float32, ended: bool, opts: DecodeOptions) -> Hypothesis:
+    lp = float(log_prob)
+    return Hypothesis(text="", tokens=tokens, log_prob=lp,
+                      score=normalised_score(lp, len(tokens) + ended, opts.length_penalty))
+
+
+def reorder(cache: StepCache, index: list[int]) -> None:
+    """Apply a row selection unless it is the identity (then the cache is already right)."""
+    if len(index) != cache.rows or index != list(range(cache.rows)):
+        cache.keep(np.asarray(index, dtype=np.int64))
+
+
+def greedy_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos: int, eos: int,
+                  stopped: Callable[[int], bool], compaction: bool = True) -> list[Hypothesis | None]:
+    """Argmax decoding of every row; a row whose `stopped(i)` turns true gets None.
+
+    With compaction, rows that finished (or were stopped) leave the running batch before the
+    next step; without it they keep being fed (their outputs unused), which must not change
+    anyone's result.
+    """
+    n = len(budgets)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    log_probs = [np.float32(0.0)] * n  # float32 sums, as the reference accumulates
+    ended, cancelled = [False] * n, [False] * n
+    done = [b <= 0 for b in budgets]
+    rows = list(range(n))  # rows[r] = the item held by cache row r
+    feed = np.full(n, bos, dtype=np.int64)  # (R,) next input token per cache row
+    step = 0
+    while True:
+        for i in rows:
+            if not done[i] and stopped(i):
+                done[i] = cancelled[i] = True
+        live = [r for r, i in enumerate(rows) if not done[i]]
+        if not live:
+            break
+        if compaction and len(live) < len(rows):
+            reorder(cache, live)
+            rows, feed = [rows[r] for r in live], feed[live]
+        eos_banned = step < opts.min_length
+        # Below min_length the second best stands in for a banned EOS, so ask for two.
+        values, ids = cache.step(feed, 2 if eos_banned else 1)  # (R, k)
+        choice = np.zeros(len(rows), dtype=np.int64)  # (R,)
+        if eos_banned:
+            choice[ids[:, 0] == eos] = 1
+        picked = ids[np.arange(len(rows)), choice]  # (R,)
+        for r, i in enumerate(rows):
+            if done[i]:
+                continue
+            token = int(picked[r])
+            log_probs[i] = np.float32(log_probs[i] + values[r, choice[r]])
+            if token == eos:
+                ended[i] = done[i] = True
+            else:
+                tokens[i].append(token)
+                done[i] = len(tokens[i]) >= budgets[i]
+        feed = picked
+        step += 1
+    return [None if cancelled[i] else hypothesis(tokens[i], log_probs[i], ended[i], opts) for i in range(n)]
+
+
+@dataclass
+class Beam:
+    """One source's beam search state: live hypotheses (prefixes + float32 sums) and finished ones."""
+
+    budget: int
+    live: list[list[int]] = field(default_factory=lambda: [[]])  # step 0: a single BOS hypothesis
+    live_lp: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.float32))  # (N,)
+    parents: list[int] = field(default_factory=list)  # cache rows the live beams continue from
+    finished: list[Hypothesis] = field(default_factory=list)
+    done: bool = False
+    cancelled: bool = False
+
+
+def candidates(values: np.ndarray, ids: np.ndarray, beam: Beam, k: int, eos: int, eos_banned: bool
+               ) -> list[tuple[np.float32, int, int]]:
+    """The 2k best (cumulative log-prob, live index, token) of one source, best first.
+
+    values/ids (N, K) come best first per row (lower id first among equal values, as ONNX TopK
+    orders them); each row contributes its 2k best tokens, EOS excluded while it is banned.
+    """
+    n_top = min(2 * k, ids.shape[1] - eos_banned)
+    if eos_banned:
+        keep = ids != eos  # (N, K): at most one False per row
+        # Rows whose top-K missed EOS drop their last entry instead, so every row keeps K - 1.
+        keep[keep.all(axis=1), -1] = False
+        values = values[keep].reshape(len(ids), -1)  # (N, K-1)
+        ids = ids[keep].reshape(len(ids), -1)  # (N, K-1)
+    values, ids = values[:, :n_top], ids[:, :n_top]  # (N, 2k)
+    cum = beam.live_lp[:, None] + values  # (N, 2k) float32, as the reference sums
+    live_idx = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)  # (N, 2k)
+    order = np.lexsort((ids.ravel(), live_idx.ravel(), -cum.ravel()))[:2 * k]
+    return [(cum.ravel()[o], int(live_idx.ravel()[o]), int(ids.ravel()[o])) for o in order]
+
+
+def advance(beam: Beam, values: np.ndarray, ids: np.ndarray, first_row: int, step: int,
+            opts: DecodeOptions, eos: int) -> None:
+    """One beam step of one source from its rows' top-k (first_row = its first cache row)."""
+    k = opts.beam_size
+    next_live: list[list[int]] = []
+    next_lp: list[np.float32] = []
+    parents: list[int] = []
+    for rank, (score, i, token) in enumerate(candidates(values, ids, beam, k, eos, step < opts.min_length)):
+        if token == eos:
+            if rank < k:
+                beam.finished.append(hypothesis(beam.live[i], score, True, opts))
+        elif len(next_live) < k:
+            next_live.append(beam.live[i] + [token])
+            next_lp.append(score)
+            parents.append(first_row + i)
+    if len(beam.finished) >= k:
+        beam.done = True  # k finished: the live beams are discarded
+        return
+    beam.live, beam.live_lp, beam.parents = next_live, np.array(next_lp, dtype=np.float32), parents
+    if step + 1 >= beam.budget:
+        finish_live(beam, opts)
+
+
+def finish_live(beam: Beam, opts: DecodeOptions) -> None:
+    """Length budget spent: the live beams are finished as they are, without EOS."""
+    for tokens, lp in zip(beam.live, beam.live_lp):
+        beam.finished.append(hypothesis(tokens, lp, False, opts))
+    beam.done = True
+
+
+def beam_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos: int, eos: int, vocab: int,
+                stopped: Callable[[int], bool], compaction: bool = True) -> list[list[Hypothesis] | None]:
+    """Beam search of every source of the batch at once; each source's beams are contiguous rows.
+
+    Every step ends with one reorder of the cache that both moves beams to their parents' rows
+    and (with compaction) drops the rows of finished or stopped sources.
+    """
+    k = opts.beam_size
+    beams = [Beam(budget=b, parents=[i]) for i, b in enumerate(budgets)]
+    for beam in beams:
+        if beam.budget <= 0:
+            finish_live(beam, opts)
+    spans = {i: (i, 1) for i in range(len(beams))}  # item -> (first row, rows) in the cache now
+    step = 0
+    while True:
+        for i, beam in enumerate(beams):
+            if not beam.done and stopped(i):
+                beam.done = beam.cancelled = True
+        active = [i for i in spans if not beams[i].done]
+        if not active:
+            break
+        # The next layout: each live source's beams continue from their parents' rows; without
+        # compaction finished sources keep their rows (fed, results unused).
+        kept = [i for i in spans if compaction is False or not beams[i].done]
+        index: list[int] = []
+        feed: list[int] = []
+        new_spans = {}
+        for i in kept:
+            beam = beams[i]
+            src_rows = beam.parents if not beam.done else list(range(spans[i][0], spans[i][0] + spans[i][1]))
+            new_spans[i] = (len(index), len(src_rows))
+            index += src_rows
+            feed += [eos] * len(src_rows) if beam.done else [t[-1] if t else bos for t in beam.live]
+        reorder(cache, index)
+        spans = new_spans
+        n_request = min(2 * k + (step < opts.min_length), vocab)
+        values, ids = cache.step(np.asarray(feed, dtype=np.int64), n_request)  # (R, K)
+        for i in active:
+            start, count = spans[i]
+            advance(beams[i], values[start:start + count], ids[start:start + count], start, step, opts, eos)
+        step += 1
+    results: list[list[Hypothesis] | None] = []
+    for beam in beams:
+        if beam.cancelled:
+            results.append(None)
+            continue
+        ranked = sorted(beam.finished, key=lambda h: -h.score)  # stable: earlier finished first on ties
+        results.append(ranked[:opts.n_best])
+    return results
