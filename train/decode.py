@@ -51,14 +51,18 @@ def step_log_probs(logits: Tensor, n_generated: int, opts: DecodeOptions, eos_id
     return logp
 
 
-def encode_source(model: Transformer, src_ids: list[int], batch: int) -> tuple[Tensor, list]:
-    """Encode one source once and repeat it for `batch` rows -> (src_mask (B,S), cross K/V)."""
+def encode_source(model: Transformer, src_ids: list[int]) -> tuple[Tensor, list]:
+    """Encode one source -> (src_mask (1,S), every decoder layer's cross K/V (1,H,S,Dh))."""
     device = next(model.parameters()).device
     src = torch.tensor([src_ids], dtype=torch.long, device=device)  # (1, S)
     src_mask = torch.ones_like(src, dtype=torch.bool)  # (1, S)
-    cross = model.cross_kv(model.encode(src, src_mask))  # per layer (1, H, S, Dh)
+    return src_mask, model.cross_kv(model.encode(src, src_mask))
+
+
+def repeat_source(src_mask: Tensor, cross: list, batch: int) -> tuple[Tensor, list]:
+    """The one encoded source shared by `batch` hypotheses (views, no copies)."""
     cross = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in cross]  # (B, H, S, Dh)
-    return src_mask.expand(batch, -1), cross
+    return src_mask.expand(batch, -1), cross  # (B, S)
 
 
 def decode_prefixes(model: Transformer, prefixes: Tensor, src_mask: Tensor, cross: list) -> Tensor:
@@ -76,7 +80,7 @@ def greedy_decode(model: Transformer, src_ids: list[int], opts: DecodeOptions) -
     """Textbook greedy decoding of one source: argmax each step over the whole prefix."""
     cfg = model.cfg
     check_source(model, src_ids)
-    src_mask, cross = encode_source(model, src_ids, 1)
+    src_mask, cross = encode_source(model, src_ids)
     device = src_mask.device
     tokens: list[int] = []
     log_prob = torch.zeros((), dtype=torch.float32)  # float32 sum, as the engine accumulates
@@ -114,13 +118,14 @@ def beam_search(model: Transformer, src_ids: list[int], opts: DecodeOptions) -> 
     live: list[list[int]] = [[]]  # step 0: a single BOS hypothesis
     live_lp = torch.zeros(1, dtype=torch.float32)  # (N,) cumulative log-probs of the live beams
     finished: list[Hypothesis] = []
+    encoded = encode_source(model, src_ids)
 
     def finish(tokens: list[int], lp: float, length: int) -> None:
         finished.append(Hypothesis(text="", tokens=tokens, log_prob=lp,
                                    score=normalised_score(lp, length, opts.length_penalty)))
 
     for step in range(max_new):
-        src_mask, cross = encode_source(model, src_ids, len(live))
+        src_mask, cross = repeat_source(*encoded, len(live))
         prefixes = torch.tensor([[cfg.bos_id] + t for t in live], dtype=torch.long, device=device)  # (N, T)
         logp = step_log_probs(decode_prefixes(model, prefixes, src_mask, cross), step, opts,
                               cfg.eos_id).cpu()  # (N, V)
