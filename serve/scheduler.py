@@ -1,0 +1,219 @@
+"""Dynamic batching: one scheduler thread per model turns concurrent requests into engine batches.
+
+Requests are split into rows (one per text) and queued. The thread waits for work, gives the queue
+a short `max_delay` to fill (unless the token budget is already reached), then takes the oldest row's
+options and every queued row with identical options, oldest first, up to the token budget, and runs
+them through `Translator.translate_ids` as one call. Each request's future completes when its last
+row is done. The queue is bounded in texts: `submit` raises QueueFull instead of growing.
+
+A request's StopSignal (deadline or cancellation) drops its rows from the queue and from a running
+batch at the next decoding step; the future then fails with DeadlineExceeded or Cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve.errors import DeadlineExceeded, QueueFull
+from serve.metrics import Metrics
+from serve.types import Cancelled, DecodeOptions, Hypothesis, StopSignal
+
+log = logging.getLogger("nmt.serve")
+
+
+def stopped_error(stop: StopSignal, now: float) -> Cancelled:
+    """Why a stopped request stopped: its deadline passing wins over the RPC's termination callback."""
+    if stop.deadline is not None and now >= stop.deadline:
+        return DeadlineExceeded("deadline exceeded before the translation finished")
+    return Cancelled("request cancelled by the caller")
+
+
+@dataclass(eq=False)  # identity semantics: jobs are dict keys
+class Job:
+    """One request: its rows' sources, shared options and stop signal, and where results go."""
+
+    sources: list[list[int]]
+    options: DecodeOptions
+    stop: StopSignal
+    enqueued: float
+    future: Future = field(default_factory=Future)
+    results: list[list[Hypothesis] | None] = field(default_factory=list)
+    remaining: int = 0
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.sources)
+        self.remaining = len(self.sources)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    def finish_row(self, index: int, hyps: list[Hypothesis]) -> None:
+        self.results[index] = hyps
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(self.results)
+
+
+Row = tuple[Job, int]  # (request, index of its text)
+
+
+class BatchScheduler:
+    """Gathers queued rows into engine batches on its own thread; `translator`: a serve.engine.Translator."""
+
+    def __init__(self, translator: Any, *, max_batch_tokens: int = 4096, max_delay: float = 0.002,
+                 max_queue: int = 1024, name: str = "", metrics: Metrics | None = None):
+        if max_batch_tokens <= 0 or max_queue <= 0 or max_delay < 0:
+            raise ValueError("max_batch_tokens and max_queue must be positive, max_delay >= 0")
+        self.translator = translator
+        self.max_batch_tokens, self.max_delay, self.max_queue = max_batch_tokens, max_delay, max_queue
+        self.name = name or translator.name
+        self.metrics = metrics
+        self._rows: deque[Row] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"scheduler-{self.name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        """Texts waiting for the engine."""
+        with self._cond:
+            return len(self._rows)
+
+    def submit(self, sources: list[list[int]], options: DecodeOptions, stop: StopSignal,
+               block: bool = False) -> Future:
+        """Queue a request's sources; the future resolves to one hypothesis list per source.
+
+        Raises QueueFull when the queue cannot take them, or with block=True waits for room
+        (until `stop` is set: then the returned future fails like a stopped request).
+        """
+        if len(sources) > self.max_queue:
+            raise QueueFull(f"{len(sources)} texts exceed the queue of model {self.name!r} "
+                            f"({self.max_queue})")
+        job = Job(sources, options, stop, time.monotonic())
+        with self._cond:
+            while len(self._rows) + len(sources) > self.max_queue:
+                if self._closing:
+                    raise QueueFull(f"model {self.name!r} is shutting down")
+                if not block:
+                    raise QueueFull(f"the queue of model {self.name!r} is full ({len(self._rows)} texts "
+                                    f"waiting, max {self.max_queue}); retry later")
+                if stop.stopped(time.monotonic()):
+                    job.fail(stopped_error(stop, time.monotonic()))
+                    return job.future
+                self._cond.wait(0.05)
+            if not sources:
+                job.future.set_result([])
+                return job.future
+            job.enqueued = time.monotonic()
+            self._rows.extend((job, i) for i in range(len(sources)))
+            self._cond.notify_all()
+        return job.future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the queued work, then stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # -- the scheduler thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if batch:
+                self._execute(batch)
+
+    def _cost(self, row: Row) -> int:
+        job, i = row
+        return len(job.sources[i]) * job.options.beam_size
+
+    def _next_batch(self) -> list[Row] | None:
+        """Wait for rows, let the queue fill up to max_delay, then take one batch (None: closed and empty)."""
+        with self._cond:
+            while not self._rows:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            fill_until = self._rows[0][0].enqueued + self.max_delay
+            while not self._closing and sum(map(self._cost, self._rows)) < self.max_batch_tokens:
+                left = fill_until - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch = self._take_locked()
+            self._cond.notify_all()  # room in the queue for blocked submitters
+        self._report_queue()
+        return batch
+
+    def _take_locked(self) -> list[Row]:
+        """The head row's options and all queued rows sharing them, oldest first, within the budget."""
+        now = time.monotonic()
+        options, tokens = None, 0
+        batch: list[Row] = []
+        kept: deque[Row] = deque()
+        while self._rows:
+            row = self._rows.popleft()
+            job = row[0]
+            if job.future.done():  # an earlier row of it was stopped or failed
+                continue
+            if job.stop.stopped(now):
+                job.fail(stopped_error(job.stop, now))
+                continue
+            if options is None:
+                options = job.options
+            cost = self._cost(row)
+            if job.options == options and (not batch or tokens + cost <= self.max_batch_tokens):
+                batch.append(row)
+                tokens += cost
+            else:
+                kept.append(row)
+        self._rows = kept
+        return batch
+
+    def _execute(self, batch: list[Row]) -> None:
+        started = time.monotonic()
+        options = batch[0][0].options
+        try:
+            outputs = self.translator.translate_ids([job.sources[i] for job, i in batch], options,
+                                                    [job.stop for job, _ in batch])
+        except Exception as exc:
+            self._isolate_failure(batch, exc)
+            return
+        now = time.monotonic()
+        generated = 0
+        for (job, i), hyps in zip(batch, outputs):
+            if hyps is None:
+                job.fail(stopped_error(job.stop, now))
+            elif not job.future.done():
+                job.finish_row(i, hyps)
+                generated += len(hyps[0].tokens)
+        if self.metrics is not None:
+            tokens = sum(len(job.sources[i]) for job, i in batch)
+            self.metrics.batch_done(self.name, rows=len(batch), tokens=tokens,
+                                    queue_seconds=[started - job.enqueued for job, _ in batch],
+                                    compute_seconds=now - started, generated=generated)
+
+    def _isolate_failure(self, batch: list[Row], exc: Exception) -> None:
+        """A failing batch of several requests is rerun per request, so only the culprit fails."""
+        jobs = list(dict.fromkeys(job for job, _ in batch))
+        if len(jobs) == 1:
+            log.warning("model %s: batch of %d texts failed: %r", self.name, len(batch), exc,
+                        exc_info=not isinstance(exc, ValueError))
+            jobs[0].fail(exc)
+            return
+        for job in jobs:
+            self._execute([row for row in batch if row[0] is job])
+
+    def _report_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(self.name).set(self.queued)
