@@ -15,16 +15,19 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ctranslate2
 import numpy as np
-from ctranslate2.specs import common_spec, transformer_spec
 
 from train.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from train.tokenizer import Tokenizer
 
 # CTranslate2 finds the special tokens by name; SentencePiece names ids 0..3 like this.
 SPECIAL_PIECES = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
+if TYPE_CHECKING:  # ctranslate2.specs imports torch: only conversion needs it, not translation
+    from ctranslate2.specs import common_spec, transformer_spec
+
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default; CTranslate2 would otherwise use 1e-6
 
 
@@ -78,6 +81,8 @@ def vocabulary(tokenizer: Tokenizer) -> list[str]:
 
 def build_spec(model, tokenizer: Tokenizer) -> transformer_spec.TransformerSpec:  # noqa: ANN001 - Transformer
     """A TransformerSpec holding the weights of our `train.model.Transformer`."""
+    from ctranslate2.specs import common_spec, transformer_spec
+
     cfg = model.cfg
     if cfg.src_vocab_size != cfg.tgt_vocab_size or cfg.src_vocab_size != tokenizer.vocab_size:
         raise ConversionError(f"vocab sizes src={cfg.src_vocab_size} tgt={cfg.tgt_vocab_size} "

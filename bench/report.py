@@ -1,0 +1,154 @@
+"""Benchmark results as one markdown table and one JSON file (both written atomically).
+
+A report is a plain dict: {"meta": {...}, "rows": [...], "grpc": {...} | None, "failures": [...],
+"notes": [...]}. Each row carries its raw measurements; the ratio columns are derived here, so
+the JSON keeps only what was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# Column header -> row key. Ratios are speed-ups: > 1 means faster than the baseline.
+COLUMNS = [
+    ("row", "name"),
+    ("batch-1 latency ms (median)", "latency_ms"),
+    ("batch-64 tokens/s", "tokens_per_s"),
+    ("peak RSS MiB", "peak_rss_mib"),
+    ("BLEU", "bleu"),
+    ("same tokens as PyTorch", "same_tokens_pct"),
+    ("latency vs CT2 fp32", "latency_vs_ct2"),
+    ("tokens/s vs CT2 fp32", "throughput_vs_ct2"),
+    ("latency vs PyTorch uncached", "latency_vs_torch"),
+    ("tokens/s vs PyTorch uncached", "throughput_vs_torch"),
+]
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "onnxruntime-gpu", "onnxruntime", "ctranslate2", "grpcio", "sacrebleu"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def machine() -> str:
+    return f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _speedup(baseline: float | None, value: float | None, higher_is_better: bool) -> float | None:
+    if not baseline or not value:
+        return None
+    return value / baseline if higher_is_better else baseline / value
+
+
+def add_ratios(rows: list[dict[str, Any]], ct2_baselines: dict[int, str], torch_baseline: str) -> None:
+    """Fill the ratio columns in place.
+
+    ct2_baselines maps a beam size to the CTranslate2 fp32 row of that beam size, so beam rows
+    are compared with beam rows; every row is compared with the one PyTorch uncached (greedy) row.
+    """
+    by_name = {r["name"]: r for r in rows}
+    torch_row = by_name.get(torch_baseline)
+    for r in rows:
+        ct2_row = by_name.get(ct2_baselines.get(r.get("beam", 1), ""))
+        for base, prefix in ((ct2_row, "vs_ct2"), (torch_row, "vs_torch")):
+            base = base or {}
+            r[f"latency_{prefix}"] = _speedup(base.get("latency_ms"), r.get("latency_ms"), False)
+            r[f"throughput_{prefix}"] = _speedup(base.get("tokens_per_s"), r.get("tokens_per_s"), True)
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "—"
+    if key.startswith(("latency_vs", "throughput_vs")):
+        return f"{value:.2f}x"
+    if key == "same_tokens_pct":
+        return f"{value:.1f}%"
+    if key in ("latency_ms", "bleu"):
+        return f"{value:.2f}"
+    if isinstance(value, float):
+        return f"{value:.0f}"
+    return str(value)
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in body]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    meta = report["meta"]
+    out = [f"## Benchmark {meta['date']}", "",
+           f"Machine: {meta['machine']} (load average {meta.get('load_average')} at start); "
+           f"threads per runtime: {meta['threads']}; "
+           f"sentences: {meta['sentences']} ({meta['test_src']}), latency over the first "
+           f"{meta['latency_sentences']}; repeats: {meta['repeats']} (medians, warm-up excluded).", "",
+           "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), ""]
+    body = []
+    for r in report["rows"]:
+        name = r["name"] if not r.get("error") else f"{r['name']} (FAILED: {r['error']})"
+        body.append([_cell(key, name if key == "name" else r.get(key)) for _, key in COLUMNS])
+    out += _table([h for h, _ in COLUMNS], body)
+    grpc = report.get("grpc")
+    if grpc:
+        out += ["", f"gRPC ({grpc['row']}, one sentence per request):", ""]
+        lat = [["in-process", _ms(grpc.get("inproc_p50_ms")), _ms(grpc.get("inproc_p99_ms"))],
+               ["gRPC", _ms(grpc.get("grpc_p50_ms")), _ms(grpc.get("grpc_p99_ms"))]]
+        out += _table(["path", "p50 ms", "p99 ms"], lat)
+        out += [""] + _table(["concurrent clients", "sentences/s", "p50 ms", "p99 ms"], [
+            [str(c["clients"]), f"{c['sentences_per_s']:.1f}", _ms(c.get("p50_ms")), _ms(c.get("p99_ms"))]
+            for c in grpc.get("concurrency", [])])
+        if grpc.get("error"):
+            out += ["", f"gRPC FAILED: {grpc['error']}"]
+    if report.get("notes"):
+        out += ["", "Notes:"] + [f"- {n}" for n in report["notes"]]
+    failures = report.get("failures") or []
+    out += ["", "Failures:" if failures else "Failures: none"] + [f"- FAIL: {f}" for f in failures]
+    return "\n".join(out) + "\n"
+
+
+def _ms(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write latest.md and latest.json under out_dir; returns their paths."""
+    out = Path(out_dir)
+    md, js = out / "latest.md", out / "latest.json"
+    atomic_write_text(js, json.dumps(report, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(md, markdown(report))
+    return md, js

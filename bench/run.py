@@ -1,0 +1,437 @@
+"""`nmt bench`: PyTorch, our engine, CTranslate2 and gRPC side by side on the same weights and sentences.
+
+    nmt bench --checkpoint runs/small/best.pt --threads 2
+
+Every row runs in a fresh worker process (`python -m bench.run --worker`, job as JSON on stdin,
+result as JSON on stdout), for two reasons: peak RSS (ru_maxrss) is a high-water mark that
+cannot be reset inside one process, so only a fresh process gives each row its own figure; and
+one runtime's thread pools and allocator caches must not slow the next one down. The RSS
+figure (VmHWM) is therefore everything that row needs: interpreter, imports, model, decoding.
+
+Per row: warm-up (excluded), batch-1 latency (each of the first --latency-sentences sentences
+--repeats times, median per sentence, then median over sentences), and batch-64 throughput
+(all sentences, shortest-first batches of 64, --repeats passes, median). Tokens/s counts
+generated tokens without EOS. The first throughput pass gives the outputs scored for BLEU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench import report
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH = 64
+BLEU_TOLERANCE = 0.1  # fp32 greedy rows run the same weights and algorithm: BLEU may only differ by noise
+REFERENCE = "PyTorch uncached greedy"
+WORKER_TIMEOUT_S = 1800
+
+Output = tuple[list[int], str]  # (target ids without BOS/EOS, detokenized text)
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    name: str
+    system: str  # torch-uncached | torch-cached | engine | ct2
+    precision: str = "fp32"  # fp32 | int8
+    beam: int = 1
+
+
+ROWS = [
+    RowSpec(REFERENCE, "torch-uncached"),
+    RowSpec("PyTorch cached greedy", "torch-cached"),
+    RowSpec("engine fp32 greedy", "engine", "fp32", 1),
+    RowSpec("engine int8 greedy", "engine", "int8", 1),
+    RowSpec("engine fp32 beam 4", "engine", "fp32", 4),
+    RowSpec("engine int8 beam 4", "engine", "int8", 4),
+    RowSpec("CT2 fp32 greedy", "ct2", "fp32", 1),
+    RowSpec("CT2 int8 greedy", "ct2", "int8", 1),
+    RowSpec("CT2 fp32 beam 4", "ct2", "fp32", 4),
+    RowSpec("CT2 int8 beam 4", "ct2", "int8", 4),
+]
+CT2_BASELINES = {1: "CT2 fp32 greedy", 4: "CT2 fp32 beam 4"}
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side: build one system, measure it, report JSON.
+# --------------------------------------------------------------------------------------------
+
+def torch_system(row: RowSpec, paths: dict[str, str], threads: int) -> Callable[[list[str]], list[Output]]:
+    import torch
+
+    from serve.types import DecodeOptions
+    from train.checkpoint import load_checkpoint, model_from_checkpoint
+    from train.decode import greedy_decode, greedy_decode_cached, source_ids
+
+    torch.set_num_threads(threads)
+    model, tok = model_from_checkpoint(load_checkpoint(paths["checkpoint"]))
+    opts, eos = DecodeOptions(), model.cfg.eos_id
+
+    def run(texts: list[str]) -> list[Output]:
+        srcs = [source_ids(tok, t, eos) for t in texts]
+        if row.system == "torch-uncached":  # the textbook loop decodes one source at a time
+            hyps = [greedy_decode(model, s, opts) for s in srcs]
+        else:
+            hyps = greedy_decode_cached(model, srcs, opts)
+        return [(h.tokens, tok.decode(h.tokens)) for h in hyps]
+    return run
+
+
+def engine_system(row: RowSpec, paths: dict[str, str], threads: int) -> Callable[[list[str]], list[Output]]:
+    from serve.engine import Translator
+    from serve.types import DecodeOptions
+
+    translator = Translator.from_bundle(paths[f"bundle_{row.precision}"], device="cpu",
+                                        intra_op_threads=threads)
+    opts = DecodeOptions(beam_size=row.beam)
+
+    def run(texts: list[str]) -> list[Output]:
+        return [(r.hypotheses[0].tokens, r.text) for r in translator.translate(texts, opts)]
+    return run
+
+
+def ct2_system(row: RowSpec, paths: dict[str, str], threads: int) -> Callable[[list[str]], list[Output]]:
+    from bench.ct2 import CT2Translator
+
+    compute_type = {"fp32": "float32", "int8": "int8"}[row.precision]
+    translator = CT2Translator(paths["ct2"], int(paths["max_positions"]), compute_type=compute_type,
+                               threads=threads)
+
+    def run(texts: list[str]) -> list[Output]:
+        return [(o.tokens, o.text) for o in translator.translate(texts, beam_size=row.beam)]
+    return run
+
+
+SYSTEMS = {"torch-uncached": torch_system, "torch-cached": torch_system, "engine": engine_system,
+           "ct2": ct2_system}
+
+
+def measure(run: Callable[[list[str]], list[Output]], texts: list[str], n_latency: int, repeats: int,
+            batch: int) -> dict[str, Any]:
+    """Warm-up, batch-1 latency and batched throughput of one system; outputs in input order."""
+    run(texts[:min(8, len(texts))])  # warm-up: allocations, thread pools, lazy initialisation
+    run(texts[:1])
+    per_sentence = []
+    for text in texts[:n_latency]:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run([text])
+            times.append(time.perf_counter() - start)
+        per_sentence.append(statistics.median(times))
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # same shortest-first batches for all
+    batches = [order[s:s + batch] for s in range(0, len(order), batch)]
+    outputs: list[Output | None] = [None] * len(texts)
+    pass_times = []
+    for rep in range(repeats):
+        start = time.perf_counter()
+        for idx in batches:
+            got = run([texts[i] for i in idx])
+            if rep == 0:
+                for i, out in zip(idx, got):
+                    outputs[i] = out
+        pass_times.append(time.perf_counter() - start)
+    n_tokens = sum(len(o[0]) for o in outputs)
+    seconds = statistics.median(pass_times)
+    ranked = sorted(per_sentence)
+    return {
+        "latency_ms": 1000 * statistics.median(ranked) if ranked else None,
+        "latency_p90_ms": 1000 * ranked[int(0.9 * (len(ranked) - 1))] if ranked else None,
+        "tokens_per_s": n_tokens / seconds if seconds > 0 else None,
+        "throughput_s": seconds,
+        "generated_tokens": n_tokens,
+        "outputs": outputs,
+    }
+
+
+def worker(job: dict[str, Any]) -> dict[str, Any]:
+    row = RowSpec(**job["row"])
+    start = time.perf_counter()
+    run = SYSTEMS[row.system](row, job["paths"], job["threads"])
+    load_s = time.perf_counter() - start
+    # The uncached loop is one source at a time and the slowest row: one timed pass is enough.
+    repeats = 1 if row.system == "torch-uncached" else job["repeats"]
+    result = measure(run, job["texts"], job["latency_sentences"], repeats, BATCH)
+    result["load_s"] = load_s
+    result["batch"] = 1 if row.system == "torch-uncached" else BATCH
+    result["peak_rss_mib"] = peak_rss_mib()
+    return result
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size.
+
+    VmHWM belongs to the address space the worker got at exec; ru_maxrss would not do, as Linux
+    carries the parent's high-water mark (torch loaded, bundles exported) across fork + exec.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB; elsewhere the best there is
+
+
+def worker_main() -> int:
+    job = json.loads(sys.stdin.read())
+    try:
+        result = worker(job)
+    except Exception as e:  # the parent turns this into a FAILED row, the other rows still run
+        result = {"error": f"{type(e).__name__}: {e}"}
+    sys.stdout.write(json.dumps(result))
+    return 0
+
+
+def run_row(row: RowSpec, paths: dict[str, str], texts: list[str],
+            args: argparse.Namespace) -> dict[str, Any]:
+    """Run one row in a fresh process; a crash becomes an 'error' entry, never a lost run."""
+    job = {"row": asdict(row), "paths": paths, "threads": args.threads, "repeats": args.repeats,
+           "texts": texts, "latency_sentences": min(args.latency_sentences, len(texts))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.run", "--worker"], input=json.dumps(job),
+                              capture_output=True, text=True, env=env, cwd=REPO, timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        return {"error": f"worker died: {last}"}
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side: inputs, artifacts, rows, scoring, checks, report.
+# --------------------------------------------------------------------------------------------
+
+class BenchError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="nmt bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, help="checkpoint (PyTorch rows, CTranslate2 conversion, "
+                   "bundles exported from it when --bundle/--bundle-int8 are not given)")
+    p.add_argument("--bundle", type=Path, help="fp32 bundle (default: exported from --checkpoint)")
+    p.add_argument("--bundle-int8", type=Path, help="int8 bundle (default: exported from --checkpoint)")
+    p.add_argument("--test-src", type=Path, help="source sentences, one per line")
+    p.add_argument("--test-ref", type=Path, help="reference translations, one per line")
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("NMT_DATA_DIR", "data/multi30k")),
+                   help="Multi30k directory (default split test_2016_flickr; $NMT_DATA_DIR)")
+    p.add_argument("--split", default="test_2016_flickr")
+    p.add_argument("--sentences", type=int, default=1000, help="test sentences used (default 1000)")
+    p.add_argument("--latency-sentences", type=int, default=100, help="sentences timed one by one")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of every runtime")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (medians are reported)")
+    p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--skip-grpc", action="store_true", help="leave out the gRPC measurements")
+    p.add_argument("--rows", help="comma-separated subset of rows to run (default: all)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("sentences", "latency_sentences", "threads", "repeats"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if (args.test_src is None) != (args.test_ref is None):
+        raise BenchError("--test-src and --test-ref go together")
+    if args.checkpoint is None and args.bundle is None:
+        raise BenchError("give --checkpoint (all rows) or at least --bundle (engine rows only)")
+    return args
+
+
+def read_text(path: Path) -> list[str]:
+    import gzip
+
+    if not path.is_file():
+        raise BenchError(f"{path}: no such file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def test_set(args: argparse.Namespace, src_lang: str, tgt_lang: str) -> tuple[list[str], list[str], str]:
+    if args.test_src is not None:
+        src_path, ref_path = args.test_src, args.test_ref
+    else:
+        src_path = args.data_dir / f"{args.split}.{src_lang}.gz"
+        ref_path = args.data_dir / f"{args.split}.{tgt_lang}.gz"
+    src, ref = read_text(src_path), read_text(ref_path)
+    if len(src) != len(ref):
+        raise BenchError(f"{src_path} has {len(src)} lines but {ref_path} has {len(ref)}")
+    keep = [i for i in range(len(src)) if src[i].strip()][:args.sentences]
+    if not keep:
+        raise BenchError(f"{src_path}: no non-empty sentences")
+    return [src[i] for i in keep], [ref[i] for i in keep], str(src_path)
+
+
+def select_rows(args: argparse.Namespace) -> list[RowSpec]:
+    rows = list(ROWS)
+    if args.checkpoint is None:  # bundles only: the engine rows we have bundles for
+        rows = [r for r in rows if r.system == "engine" and (r.precision == "fp32" or args.bundle_int8)]
+    if args.rows:
+        wanted = [w.strip() for w in args.rows.split(",") if w.strip()]
+        unknown = [w for w in wanted if w not in {r.name for r in ROWS}]
+        if unknown:
+            raise BenchError(f"unknown rows {unknown}; rows are: {', '.join(r.name for r in ROWS)}")
+        rows = [r for r in rows if r.name in wanted]
+    return rows
+
+
+def prepare(args: argparse.Namespace, rows: list[RowSpec],
+            tmp: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Paths the workers need, exporting bundles and converting to CTranslate2 only for rows that run;
+    and the language pair (checkpoint meta, else the bundle manifest)."""
+    paths: dict[str, str] = {}
+    langs = {"src_lang": "en", "tgt_lang": "de"}
+    if args.checkpoint is not None:
+        from train.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(args.checkpoint)
+        langs.update({k: ckpt.get("meta", {}).get(k, v) for k, v in langs.items()})
+        paths["checkpoint"] = str(args.checkpoint)
+        paths["max_positions"] = str(ckpt["model_config"]["max_positions"])
+    else:
+        from serve.bundle import read_manifest
+
+        manifest = read_manifest(args.bundle)
+        langs = {"src_lang": manifest.src_lang, "tgt_lang": manifest.tgt_lang}
+    for dtype, given in (("fp32", args.bundle), ("int8", args.bundle_int8)):
+        if given is None and any(r.system == "engine" and r.precision == dtype for r in rows):
+            from export.pipeline import export_bundle
+
+            log(f"exporting the {dtype} bundle from {args.checkpoint}")
+            given = export_bundle(args.checkpoint, tmp / f"bundle-{dtype}", dtype)
+        if given is not None:
+            paths[f"bundle_{dtype}"] = str(given)
+    if any(r.system == "ct2" for r in rows):
+        from bench.ct2 import convert_checkpoint
+
+        log("converting the checkpoint to CTranslate2")
+        paths["ct2"] = str(convert_checkpoint(args.checkpoint, tmp / "ct2"))
+    return paths, langs
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def score(rows: list[dict[str, Any]], refs: list[str]) -> None:
+    """BLEU (sacreBLEU, detokenized, cased) of every row, and token agreement with the reference."""
+    import sacrebleu
+
+    ref_row = next((r for r in rows if r["name"] == REFERENCE and r.get("outputs")), None)
+    for r in rows:
+        if not r.get("outputs"):
+            continue
+        r["bleu"] = sacrebleu.corpus_bleu([o[1] for o in r["outputs"]], [refs]).score
+        if ref_row is not None and r is not ref_row and r["beam"] == 1:
+            same = sum(a[0] == b[0] for a, b in zip(r["outputs"], ref_row["outputs"]))
+            r["same_tokens_pct"] = 100.0 * same / len(refs)
+
+
+def check(rows: list[dict[str, Any]], texts: list[str]) -> list[str]:
+    """Failures: rows that crashed, a CTranslate2 conversion that changes greedy tokens, and
+    fp32 greedy rows whose BLEU differs from the PyTorch reference by more than the tolerance."""
+    failures = [f"{r['name']}: {r['error']}" for r in rows if r.get("error")]
+    by_name = {r["name"]: r for r in rows if r.get("outputs")}
+    ref = by_name.get(REFERENCE)
+    if ref is None:
+        return failures
+    ct2 = by_name.get(CT2_BASELINES[1])
+    if ct2 is not None:
+        diff = [i for i, (a, b) in enumerate(zip(ct2["outputs"], ref["outputs"])) if a[0] != b[0]]
+        if diff:
+            i = diff[0]
+            failures.append(f"CTranslate2 conversion: {len(diff)} of {len(texts)} sentences differ from "
+                            f"PyTorch greedy; first #{i} {texts[i]!r}: PyTorch {ref['outputs'][i][0]} "
+                            f"vs CT2 {ct2['outputs'][i][0]}")
+    for r in by_name.values():
+        if r["precision"] == "fp32" and r["beam"] == 1 and abs(r["bleu"] - ref["bleu"]) > BLEU_TOLERANCE:
+            failures.append(f"{r['name']}: BLEU {r['bleu']:.2f} differs from {REFERENCE} {ref['bleu']:.2f} "
+                            f"by more than {BLEU_TOLERANCE}")
+    return failures
+
+
+def main(argv: list[str]) -> int:
+    if "--worker" in argv:
+        return worker_main()
+    try:
+        args = parse_args(argv)
+        return bench(args)
+    except BenchError as e:
+        print(f"nmt bench: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # checkpoint/bundle/export errors carry a message naming the file
+        if type(e).__name__ in ("CheckpointError", "BundleError", "ExportError", "ConversionError"):
+            print(f"nmt bench: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def bench(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    notes: list[str] = []
+    load_avg = [round(x, 2) for x in os.getloadavg()]  # timings on a busy machine are not comparable
+    with tempfile.TemporaryDirectory(prefix="nmt-bench-") as tmpdir:
+        specs = select_rows(args)
+        paths, langs = prepare(args, specs, Path(tmpdir))
+        texts, refs, label = test_set(args, langs["src_lang"], langs["tgt_lang"])
+        rows: list[dict[str, Any]] = []
+        for spec in specs:
+            log(f"{spec.name}: {len(texts)} sentences")
+            rows.append({**asdict(spec), **run_row(spec, paths, texts, args)})
+            if rows[-1].get("error"):
+                log(f"{spec.name} FAILED: {rows[-1]['error']}")
+        grpc = None
+        if not args.skip_grpc:
+            grpc = grpc_measurements(paths, texts, args, notes)
+    score(rows, refs)
+    failures = check(rows, texts)
+    report.add_ratios(rows, CT2_BASELINES, REFERENCE)
+    if args.checkpoint is None:
+        notes.append("no checkpoint given: PyTorch and CTranslate2 rows left out")
+    notes += [
+        f"{REFERENCE} decodes one source at a time (the textbook loop), so its tokens/s is sequential "
+        "and it runs one timed pass; it is the token reference for the 'same tokens' column",
+        "tokens/s counts generated tokens without EOS; latency includes tokenization and detokenization",
+        "peak RSS: VmHWM of a fresh process running only that row (interpreter, imports, model, decoding)",
+        "beam rows are compared with the CT2 beam row; CTranslate2 normalises beam scores by length^penalty, "
+        "we by ((5+L)/6)^penalty, so beam outputs may differ; int8 rows quantize differently per runtime",
+    ]
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": report.machine(),
+            "threads": args.threads, "sentences": len(texts),
+            "latency_sentences": min(args.latency_sentences, len(texts)), "repeats": args.repeats,
+            "test_src": label, "versions": report.versions(), "load_average": load_avg,
+            "wall_s": round(time.perf_counter() - started, 1)}
+    for r in rows:  # outputs stay out of the JSON: the texts are reproducible, the file stays small
+        r.pop("outputs", None)
+    result = {"meta": meta, "rows": rows, "grpc": grpc, "failures": failures, "notes": notes}
+    md_path, js_path = report.write_report(result, args.out_dir)
+    print(report.markdown(result))
+    log(f"wrote {md_path} and {js_path} in {meta['wall_s']} s")
+    for f in failures:
+        print(f"FAIL: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def grpc_measurements(paths: dict[str, str], texts: list[str], args: argparse.Namespace,
+                      notes: list[str]) -> dict[str, Any] | None:
+    notes.append("gRPC measurements not run yet (server not available)")
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
