@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -106,15 +107,22 @@ def translate_isolating(backend: Backend, texts: list[str],
     return [r for t in texts for r in translate_isolating(backend, [t], options)]
 
 
+def segment_message(msg: str) -> str:
+    """Backends name a text by its index in the request ("texts[0] is ..."), which means nothing
+    next to a line number; name it 'the segment' instead."""
+    return re.sub(r"^(texts?\[\d+\]|text \d+|source \d+) ", "the segment ", msg)
+
+
 def translate_chunk(backend: Backend, segments: list[Segment], cfg: JobConfig) -> ChunkResult:
     outcomes = {i: Outcome(translation="", score=0.0) for i, s in enumerate(segments) if not s.text.strip()}
     todo = [i for i, s in enumerate(segments) if s.text.strip()]
     result = ChunkResult(segments[0].line, [])
     for i, r in zip(todo, translate_isolating(backend, [segments[i].text for i in todo], cfg.options)):
         if isinstance(r, InvalidRequest):
-            result.errors.append((segments[i], str(r)))
+            msg = segment_message(str(r))
+            result.errors.append((segments[i], msg))
             copy = segments[i].text if cfg.on_error == "copy-source" else None
-            outcomes[i] = Outcome(translation=copy, error=str(r))
+            outcomes[i] = Outcome(translation=copy, error=msg)
             continue
         best = r.hypotheses[0]
         outcomes[i] = Outcome(translation=best.text, score=best.score)
@@ -155,8 +163,9 @@ def run_job(segments: Iterable[Segment], backend: Backend, out: OrderedOutput, c
         for fut in done:
             chunk = fut.result()
             for seg, msg in chunk.errors:
-                print(f"nmt batch: {describe(seg, cfg.id_field)}: {msg}"
-                      + ("" if cfg.on_error == "fail" else f" ({cfg.on_error})"), file=sys.stderr)
+                if cfg.on_error != "fail":  # under fail, the one error line comes at the end
+                    where = describe(seg, cfg.id_field)
+                    print(f"nmt batch: {where}: {msg} ({cfg.on_error})", file=sys.stderr)
                 if first_failure is None or seg.line < first_failure[0].line:
                     first_failure = (seg, msg)
             summary.segments += len(chunk.lines)
@@ -249,7 +258,8 @@ def score_against_reference(output: Path, reference: list[str], cfg: JobConfig) 
     return [str(sacrebleu.corpus_bleu(hyps, [reference])), str(sacrebleu.corpus_chrf(hyps, [reference]))]
 
 
-def run_command(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace, backend: Backend | None = None) -> int:
+    """The job; `backend` replaces the one the flags name (a wrapped engine in tests)."""
     check_args(args)
     options = DecodeOptions(beam_size=args.beam_size, return_scores=args.scores)
     cfg = JobConfig(fmt=detect_format(args.input, args.format), text_field=args.text_field,
@@ -265,7 +275,7 @@ def run_command(args: argparse.Namespace) -> int:
                    "backend": f"model-dir:{Path(args.model_dir).resolve()}" if args.model_dir else "servers"}
     out = OrderedOutput.open(args.output, input_identity(args.input), job_options, restart=args.restart)
     try:
-        backend = make_backend(args)
+        backend = backend or make_backend(args)
         try:
             from tqdm import tqdm
 
@@ -294,10 +304,10 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], backend: Backend | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run_command(args)
+        return run_command(args, backend)
     except (InputError, InvalidRequest, BundleError) as e:
         print(f"nmt batch: {e}", file=sys.stderr)
         return 2

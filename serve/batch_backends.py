@@ -129,11 +129,12 @@ class ServerPool:
 class GrpcBackend:
     """Chunks go to servers round-robin through `serve.client.TranslatorClient`.
 
-    UNAVAILABLE: the server is set aside (backoff grows per consecutive failure) and the chunk
-    goes to the next server at once; it costs no retry, since only `give_up_after` seconds
-    without any answer end the job. RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED: the chunk is retried
-    after an exponential, jittered backoff, at most `max_retries` times. INVALID_ARGUMENT becomes
-    InvalidRequest (the caller isolates the bad segment); any other code ends the job.
+    UNAVAILABLE (or CANCELLED by a stopping server): the server is set aside (backoff grows per
+    consecutive failure) and the chunk goes to the next server at once; it costs no retry, since
+    only `give_up_after` seconds without any answer end the job. RESOURCE_EXHAUSTED /
+    DEADLINE_EXCEEDED: the chunk is retried after an exponential, jittered backoff, at most
+    `max_retries` times. INVALID_ARGUMENT becomes InvalidRequest (the caller isolates the bad
+    segment); any other code ends the job.
     """
 
     def __init__(self, targets: list[str], *, timeout: float, max_retries: int, give_up_after: float,
@@ -170,7 +171,8 @@ class GrpcBackend:
                 code, details = e.code(), e.details()
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidRequest(details) from None
-                if code == grpc.StatusCode.UNAVAILABLE:
+                # CANCELLED: this job never cancels, so the server aborted the call (it is stopping).
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     self.pool.set_aside(server)
                     self._count_retry()
                     continue
