@@ -1,0 +1,100 @@
+"""Batch-job throughput: segments/s of `nmt batch` on a Multi30k split, in-process engine vs one gRPC server.
+
+    python -m bench.batch_bench --model-dir bundles/en-de [--split test_2016_flickr] [--limit 0]
+
+Both runs translate the same file with the same bundle, chunk size and in-flight window; the
+server runs in a child process on a free loopback port (as `nmt serve` would), so the figure
+includes protobuf, the network stack and the server's dynamic batching. Model loading is not
+timed: the clock covers the job from the first chunk to the last commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import multiprocessing as mp
+import os
+import tempfile
+from pathlib import Path
+
+from serve.batch import JobConfig, run_job
+from serve.batch_backends import Backend, EngineBackend, GrpcBackend
+from serve.batch_io import OrderedOutput, input_identity, read_segments
+from serve.types import DecodeOptions
+
+
+def serve_forever(model_dir: str, device: str, ports: mp.Queue, stop: mp.Event) -> None:
+    """Child process: one server on port 0 with the bundle; reports its port, runs until `stop`."""
+    from serve.engine import Translator
+    from serve.registry import ModelRegistry
+    from serve.server import ServerConfig, create_server
+
+    registry = ModelRegistry()
+    server, port = create_server(registry, ServerConfig(port=0))
+    registry.add(Translator.from_bundle(model_dir, device=device))
+    server.set_serving()
+    ports.put(port)
+    stop.wait()
+    server.stop()
+
+
+def time_job(name: str, backend: Backend, source: Path, work: Path, cfg: JobConfig) -> float:
+    out = OrderedOutput.open(work / f"{name}.out", input_identity(source), {"bench": name}, restart=True)
+    summary = run_job(read_segments(source, "txt", "text"), backend, out, cfg)
+    out.finish()
+    rate = summary.segments / summary.seconds
+    print(f"{name:<11} {summary.segments} segments in {summary.seconds:.2f}s: {rate:.1f} segments/s, "
+          f"{summary.target_tokens / summary.seconds:.0f} target tokens/s, retries {summary.retries}")
+    return rate
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--data-dir", default=os.environ.get("NMT_DATA_DIR", "data/multi30k"))
+    p.add_argument("--split", default="test_2016_flickr")
+    p.add_argument("--lang", default=None, help="source language (default: the bundle's)")
+    p.add_argument("--limit", type=int, default=0, help="first N segments only (0 = the whole split)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--beam-size", type=int, default=1)
+    p.add_argument("--chunk-size", type=int, default=32)
+    p.add_argument("--in-flight", type=int, default=128)
+    args = p.parse_args(argv)
+
+    from serve.bundle import read_manifest
+
+    lang = args.lang or read_manifest(args.model_dir, verify_checksums=False).src_lang
+    with gzip.open(Path(args.data_dir) / f"{args.split}.{lang}.gz", "rt", encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f]
+    lines = lines[:args.limit] if args.limit else lines
+    cfg = JobConfig(fmt="txt", options=DecodeOptions(beam_size=args.beam_size), chunk_size=args.chunk_size,
+                    in_flight=args.in_flight)
+    print(f"{args.split}.{lang}: {len(lines)} segments, beam {args.beam_size}, chunk {args.chunk_size}, "
+          f"in flight {args.in_flight}, bundle {args.model_dir}")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        source = work / "source.txt"
+        source.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+        engine = EngineBackend(args.model_dir, device=args.device)
+        local = time_job("in-process", engine, source, work, cfg)
+        del engine  # free its sessions before the server loads its own
+
+        ctx = mp.get_context("spawn")
+        ports, stop = ctx.Queue(), ctx.Event()
+        child = ctx.Process(target=serve_forever, args=(args.model_dir, args.device, ports, stop))
+        child.start()
+        try:
+            port = ports.get(timeout=120)
+            remote = GrpcBackend([f"127.0.0.1:{port}"], timeout=60, max_retries=5, give_up_after=60)
+            served = time_job("server", remote, source, work, cfg)
+            remote.close()
+        finally:
+            stop.set()
+            child.join(timeout=30)
+    print(f"server / in-process: {served / local:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
