@@ -240,6 +240,10 @@ def check_args(args: argparse.Namespace) -> None:
     DecodeOptions(beam_size=args.beam_size).validate()
     if not Path(args.input).is_file():
         raise InputError(f"{args.input}: no such file")
+    for target in args.server or []:
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit():
+            raise InvalidRequest(f"--server {target!r}: expected HOST:PORT")
     if args.model_dir and not Path(args.model_dir).is_dir():
         raise BundleError(f"{args.model_dir}: no such directory")
 
@@ -320,4 +324,7 @@ def main(argv: list[str], backend: Backend | None = None) -> int:
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         print(f"nmt batch: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug, not bad input: still one line, with the type to search for
+        print(f"nmt batch: unexpected {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,10 +93,14 @@ def parse_segment(text_line: str, fmt: str, text_field: str, path: str | Path, l
 
 def read_segments(path: str | Path, fmt: str, text_field: str, skip: int = 0) -> Iterator[Segment]:
     """Segments of the input in order, after the first `skip` lines (already committed)."""
-    with open_binary(path) as f:
-        for line, raw in enumerate(f, start=1):
-            if line > skip:
-                yield parse_segment(_decode_line(raw, path, line), fmt, text_field, path, line)
+    line = 0
+    try:
+        with open_binary(path) as f:
+            for line, raw in enumerate(f, start=1):
+                if line > skip:
+                    yield parse_segment(_decode_line(raw, path, line), fmt, text_field, path, line)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise InputError(f"{path}: corrupt gzip data after line {line} ({e})") from None
 
 
 def scan_input(path: str | Path, fmt: str, text_field: str) -> int:
@@ -260,8 +265,9 @@ class OrderedOutput:
                   gzip_output=final.name.lower().endswith(".gz"))
         out._file = open(partial, "r+b" if state else "wb")
         try:
-            out._file.truncate(out.state.committed_bytes)  # drop bytes appended after the last commit
-            out._file.seek(out.state.committed_bytes)
+            if state is not None:
+                out._file.truncate(state.committed_bytes)  # drop bytes appended after the last commit
+                out._file.seek(state.committed_bytes)
             write_state(state_path, out.state)
         except OSError:
             if state is None:
@@ -291,9 +297,12 @@ class OrderedOutput:
         data = "".join(lines).encode("utf-8")
         if self.gzip_output and data:
             data = gzip.compress(data, mtime=0)  # mtime=0: identical bytes on every run
-        self._file.write(data)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.write(data)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:  # name the file: "No space left on device" alone does not say where
+            raise OSError(e.errno, e.strerror, str(self.partial)) from None
         self.state.committed_lines += len(lines)
         self.state.committed_bytes += len(data)
         write_state(self.state_path, self.state)
@@ -310,12 +319,15 @@ class OrderedOutput:
     def close(self) -> None:
         """Stop writing but keep partial + state so the same command resumes."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            f, self._file = self._file, None
+            f.close()
 
     def discard(self) -> None:
         """Remove every trace of the job (failed for good, or the disk is full)."""
-        self.close()
+        try:
+            self.close()
+        except OSError:
+            pass  # closing flushes what a full disk refused; that tail is being removed anyway
         self.partial.unlink(missing_ok=True)
         self.state_path.unlink(missing_ok=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -157,6 +158,16 @@ def test_unwritable_output_is_one_error_line_and_leaves_nothing(tmp_path, tiny_b
     assert not list(tmp_path.glob("**/*.partial")) and not list(tmp_path.glob("**/*.state.json"))
 
 
+def test_full_disk_is_one_error_line_and_leaves_nothing(tmp_path, tiny_bundle, capsys):
+    inp, out = write_txt(tmp_path / "in.txt", SRC[:3]), tmp_path / "out.txt"
+    _, partial, _ = output_paths(out)
+    partial.symlink_to("/dev/full")  # every write to it fails with ENOSPC
+    rc = batch.main([str(inp), str(out), "--model-dir", str(tiny_bundle), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "No space left on device" in err[0]
+    assert leftovers(out) == [] and not partial.is_symlink()
+
+
 def test_malformed_jsonl_names_the_line(tmp_path, tiny_bundle, capsys):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text('{"id": 1, "text": "A dog."}\n{"id": 2, "txt": "typo"}\n')
@@ -218,13 +229,13 @@ def test_state_of_another_input_is_refused_unless_restart(tmp_path, tiny_bundle,
 # ----------------------------------------------------------------------------- real gRPC servers
 
 
-def start_server(translator):
+def start_server(translator, max_queue: int = 1024):
     from serve.metrics import Metrics
-    from serve.registry import ModelRegistry
+    from serve.registry import BatchingConfig, ModelRegistry
     from serve.server import ServerConfig, create_server
 
     metrics = Metrics()
-    registry = ModelRegistry(metrics=metrics)
+    registry = ModelRegistry(BatchingConfig(max_queue=max_queue), metrics=metrics)
     server, port = create_server(registry, ServerConfig(port=0), metrics)
     registry.add(translator)
     server.set_serving()
@@ -262,6 +273,20 @@ def test_two_servers_share_the_work_and_the_job_survives_one_stopping(tmp_path, 
     report = capsys.readouterr().out
     line_b = next(line for line in report.splitlines() if line.startswith(f"server {target_b}:"))
     assert " 0 unavailable" not in line_b  # b was set aside after it stopped
+
+
+def test_an_overloaded_server_is_retried_until_every_chunk_is_in(tmp_path, engine, capsys):
+    server, target, _ = start_server(engine, max_queue=4)  # room for one chunk: the others RESOURCE_EXHAUSTED
+    texts = SRC[:48]
+    inp, out = write_txt(tmp_path / "in.txt", texts), tmp_path / "out.txt"
+    try:
+        rc = batch.main([str(inp), str(out), "--server", target, "--chunk-size", "4", "--in-flight", "32",
+                         "--retries", "100", "--no-progress"])
+    finally:
+        server.stop()
+    assert rc == 0
+    assert int(re.search(r"retries: (\d+)", capsys.readouterr().out).group(1)) > 0
+    assert out.read_text(encoding="utf-8").splitlines() == expected(engine, texts)
 
 
 def test_no_server_answering_fails_after_give_up_time_and_leaves_nothing(tmp_path, capsys):
