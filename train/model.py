@@ -123,7 +123,8 @@ class DecoderLayer(nn.Module):
         self.ff = FeedForward(cfg)
         self.res_self, self.res_cross, self.res_ff = Residual(cfg), Residual(cfg), Residual(cfg)
 
-    def forward(self, x: Tensor, self_mask: Tensor, src_mask: Tensor, cross: KV, past: KV) -> tuple[Tensor, KV]:
+    def forward(self, x: Tensor, self_mask: Tensor, src_mask: Tensor, cross: KV,
+                past: KV) -> tuple[Tensor, KV]:
         present: list[KV] = []
 
         def self_block(h: Tensor) -> Tensor:
