@@ -115,6 +115,7 @@ class BatchScheduler:
             job.enqueued = time.monotonic()
             self._rows.extend((job, i) for i in range(len(sources)))
             self._cond.notify_all()
+        self._report_queue()
         return job.future
 
     def close(self, timeout: float | None = None) -> None:
