@@ -1,4 +1,4 @@
-"""Benchmark results as one markdown table and one JSON file (both written atomically).
+"""Benchmark results: quality columns, checks, one markdown table and one JSON file (atomic).
 
 A report is a plain dict: {"meta": {...}, "rows": [...], "grpc": {...} | None, "failures": [...],
 "notes": [...]}. Each row carries its raw measurements; the ratio columns are derived here, so
@@ -53,6 +53,44 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def score(rows: list[dict[str, Any]], refs: list[str], reference: str) -> None:
+    """BLEU (sacreBLEU, detokenized, cased) of every row, and token agreement with the reference."""
+    import sacrebleu
+
+    ref_row = next((r for r in rows if r["name"] == reference and r.get("outputs")), None)
+    for r in rows:
+        if not r.get("outputs"):
+            continue
+        r["bleu"] = sacrebleu.corpus_bleu([o[1] for o in r["outputs"]], [refs]).score
+        if ref_row is not None and r is not ref_row and r["beam"] == 1:
+            same = sum(a[0] == b[0] for a, b in zip(r["outputs"], ref_row["outputs"]))
+            r["same_tokens_pct"] = 100.0 * same / len(refs)
+
+
+def check(rows: list[dict[str, Any]], texts: list[str], reference: str, ct2_name: str,
+          tolerance: float) -> list[str]:
+    """Failures: rows that crashed, a CTranslate2 conversion that changes greedy tokens, and
+    fp32 greedy rows whose BLEU differs from the PyTorch reference by more than the tolerance."""
+    failures = [f"{r['name']}: {r['error']}" for r in rows if r.get("error")]
+    by_name = {r["name"]: r for r in rows if r.get("outputs")}
+    ref = by_name.get(reference)
+    if ref is None:
+        return failures
+    ct2 = by_name.get(ct2_name)
+    if ct2 is not None:
+        diff = [i for i, (a, b) in enumerate(zip(ct2["outputs"], ref["outputs"])) if a[0] != b[0]]
+        if diff:
+            i = diff[0]
+            failures.append(f"CTranslate2 conversion: {len(diff)} of {len(texts)} sentences differ from "
+                            f"PyTorch greedy; first #{i} {texts[i]!r}: PyTorch {ref['outputs'][i][0]} "
+                            f"vs CT2 {ct2['outputs'][i][0]}")
+    for r in by_name.values():
+        if r["precision"] == "fp32" and r["beam"] == 1 and abs(r["bleu"] - ref["bleu"]) > tolerance:
+            failures.append(f"{r['name']}: BLEU {r['bleu']:.2f} differs from {reference} {ref['bleu']:.2f} "
+                            f"by more than {tolerance}")
+    return failures
 
 
 def _speedup(baseline: float | None, value: float | None, higher_is_better: bool) -> float | None:
@@ -110,25 +148,22 @@ def markdown(report: dict[str, Any]) -> str:
         body.append([_cell(key, name if key == "name" else r.get(key)) for _, key in COLUMNS])
     out += _table([h for h, _ in COLUMNS], body)
     grpc = report.get("grpc")
-    if grpc:
-        out += ["", f"gRPC ({grpc['row']}, one sentence per request):", ""]
-        lat = [["in-process", _ms(grpc.get("inproc_p50_ms")), _ms(grpc.get("inproc_p99_ms"))],
-               ["gRPC", _ms(grpc.get("grpc_p50_ms")), _ms(grpc.get("grpc_p99_ms"))]]
-        out += _table(["path", "p50 ms", "p99 ms"], lat)
-        out += [""] + _table(["concurrent clients", "sentences/s", "p50 ms", "p99 ms"], [
-            [str(c["clients"]), f"{c['sentences_per_s']:.1f}", _ms(c.get("p50_ms")), _ms(c.get("p99_ms"))]
-            for c in grpc.get("concurrency", [])])
-        if grpc.get("error"):
-            out += ["", f"gRPC FAILED: {grpc['error']}"]
+    if grpc and not grpc.get("error"):
+        from bench.grpc_bench import markdown as grpc_markdown
+
+        out += ["", "gRPC (fp32 greedy bundle, one sentence per request, `nmt serve` in its own process):",
+                "",
+                grpc_markdown(grpc)]
+    for p in report.get("profiles") or []:
+        if not p.get("error"):
+            from bench.profile_engine import render
+
+            out += ["", render(p)]
     if report.get("notes"):
         out += ["", "Notes:"] + [f"- {n}" for n in report["notes"]]
     failures = report.get("failures") or []
     out += ["", "Failures:" if failures else "Failures: none"] + [f"- FAIL: {f}" for f in failures]
     return "\n".join(out) + "\n"
-
-
-def _ms(v: float | None) -> str:
-    return "—" if v is None else f"{v:.2f}"
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -158,6 +158,12 @@ def measure(run: Callable[[list[str]], list[Output]], texts: list[str], n_latenc
 
 
 def worker(job: dict[str, Any]) -> dict[str, Any]:
+    if job["kind"] == "grpc":
+        from bench.grpc_bench import measure as grpc_measure
+
+        return grpc_measure(Path(job["bundle"]), job["texts"], device="cpu", requests=job["requests"],
+                            duration=job["duration"], beam_size=1,
+                            server_args=("--intra-op-threads", str(job["threads"])))
     row = RowSpec(**job["row"])
     start = time.perf_counter()
     run = SYSTEMS[row.system](row, job["paths"], job["threads"])
@@ -196,14 +202,12 @@ def worker_main() -> int:
     return 0
 
 
-def run_row(row: RowSpec, paths: dict[str, str], texts: list[str],
-            args: argparse.Namespace) -> dict[str, Any]:
-    """Run one row in a fresh process; a crash becomes an 'error' entry, never a lost run."""
-    job = {"row": asdict(row), "paths": paths, "threads": args.threads, "repeats": args.repeats,
-           "texts": texts, "latency_sentences": min(args.latency_sentences, len(texts))}
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
+def run_worker(module: str, args: list[str], job: dict[str, Any] | None, threads: int) -> dict[str, Any]:
+    """Run `python -m module args` in a fresh process (job as JSON on stdin, JSON result on stdout);
+    a crash becomes an 'error' entry, never a lost run."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     try:
-        proc = subprocess.run([sys.executable, "-m", "bench.run", "--worker"], input=json.dumps(job),
+        proc = subprocess.run([sys.executable, "-m", module, *args], input=json.dumps(job or {}),
                               capture_output=True, text=True, env=env, cwd=REPO, timeout=WORKER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
@@ -212,6 +216,37 @@ def run_row(row: RowSpec, paths: dict[str, str], texts: list[str],
     except json.JSONDecodeError:
         last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         return {"error": f"worker died: {last}"}
+
+
+def run_row(row: RowSpec, paths: dict[str, str], texts: list[str],
+            args: argparse.Namespace) -> dict[str, Any]:
+    job = {"kind": "row", "row": asdict(row), "paths": paths, "threads": args.threads,
+           "repeats": args.repeats, "texts": texts,
+           "latency_sentences": min(args.latency_sentences, len(texts))}
+    return run_worker("bench.run", ["--worker"], job, args.threads)
+
+
+def run_grpc(bundle: str, texts: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """gRPC vs in-process latency and concurrent throughput (bench.grpc_bench) of the fp32 greedy engine."""
+    job = {"kind": "grpc", "bundle": bundle, "texts": texts, "threads": args.threads,
+           "requests": args.grpc_requests, "duration": args.grpc_duration}
+    result = run_worker("bench.run", ["--worker"], job, args.threads)
+    for key in ("sentences_per_s", "speedup"):  # JSON made the client counts strings
+        if isinstance(result.get(key), dict):
+            result[key] = {int(c): v for c, v in result[key].items()}
+    return result
+
+
+def run_profiles(bundle: str, texts: list[str], args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    """Per-step engine profiles (bench.profile_engine) at batch 1 and batch 64, greedy fp32."""
+    src = tmp / "profile.src"
+    src.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    out = []
+    for batch, n in ((1, min(args.latency_sentences, len(texts))), (BATCH, min(4 * BATCH, len(texts)))):
+        flags = ["--bundle", bundle, "--test-src", str(src), "--sentences", str(n), "--batch", str(batch),
+                 "--threads", str(args.threads), "--json"]
+        out.append(run_worker("bench.profile_engine", flags, None, args.threads))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,10 +274,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (medians are reported)")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--skip-grpc", action="store_true", help="leave out the gRPC measurements")
+    p.add_argument("--grpc-requests", type=int, default=200, help="sequential one-sentence requests timed")
+    p.add_argument("--grpc-duration", type=float, default=10.0, help="seconds per concurrency level")
+    p.add_argument("--skip-profile", action="store_true", help="leave out the per-step engine profile")
     p.add_argument("--rows", help="comma-separated subset of rows to run (default: all)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("sentences", "latency_sentences", "threads", "repeats"):
+    for name in ("sentences", "latency_sentences", "threads", "repeats", "grpc_requests", "grpc_duration"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if (args.test_src is None) != (args.test_ref is None):
@@ -328,43 +366,6 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def score(rows: list[dict[str, Any]], refs: list[str]) -> None:
-    """BLEU (sacreBLEU, detokenized, cased) of every row, and token agreement with the reference."""
-    import sacrebleu
-
-    ref_row = next((r for r in rows if r["name"] == REFERENCE and r.get("outputs")), None)
-    for r in rows:
-        if not r.get("outputs"):
-            continue
-        r["bleu"] = sacrebleu.corpus_bleu([o[1] for o in r["outputs"]], [refs]).score
-        if ref_row is not None and r is not ref_row and r["beam"] == 1:
-            same = sum(a[0] == b[0] for a, b in zip(r["outputs"], ref_row["outputs"]))
-            r["same_tokens_pct"] = 100.0 * same / len(refs)
-
-
-def check(rows: list[dict[str, Any]], texts: list[str]) -> list[str]:
-    """Failures: rows that crashed, a CTranslate2 conversion that changes greedy tokens, and
-    fp32 greedy rows whose BLEU differs from the PyTorch reference by more than the tolerance."""
-    failures = [f"{r['name']}: {r['error']}" for r in rows if r.get("error")]
-    by_name = {r["name"]: r for r in rows if r.get("outputs")}
-    ref = by_name.get(REFERENCE)
-    if ref is None:
-        return failures
-    ct2 = by_name.get(CT2_BASELINES[1])
-    if ct2 is not None:
-        diff = [i for i, (a, b) in enumerate(zip(ct2["outputs"], ref["outputs"])) if a[0] != b[0]]
-        if diff:
-            i = diff[0]
-            failures.append(f"CTranslate2 conversion: {len(diff)} of {len(texts)} sentences differ from "
-                            f"PyTorch greedy; first #{i} {texts[i]!r}: PyTorch {ref['outputs'][i][0]} "
-                            f"vs CT2 {ct2['outputs'][i][0]}")
-    for r in by_name.values():
-        if r["precision"] == "fp32" and r["beam"] == 1 and abs(r["bleu"] - ref["bleu"]) > BLEU_TOLERANCE:
-            failures.append(f"{r['name']}: BLEU {r['bleu']:.2f} differs from {REFERENCE} {ref['bleu']:.2f} "
-                            f"by more than {BLEU_TOLERANCE}")
-    return failures
-
-
 def main(argv: list[str]) -> int:
     if "--worker" in argv:
         return worker_main()
@@ -395,11 +396,17 @@ def bench(args: argparse.Namespace) -> int:
             rows.append({**asdict(spec), **run_row(spec, paths, texts, args)})
             if rows[-1].get("error"):
                 log(f"{spec.name} FAILED: {rows[-1]['error']}")
-        grpc = None
-        if not args.skip_grpc:
-            grpc = grpc_measurements(paths, texts, args, notes)
-    score(rows, refs)
-    failures = check(rows, texts)
+        grpc, profiles = None, []
+        if "bundle_fp32" in paths and not args.skip_grpc:
+            log("gRPC: in-process vs gRPC latency, 1/8/32 concurrent clients")
+            grpc = run_grpc(paths["bundle_fp32"], texts, args)
+        if "bundle_fp32" in paths and not args.skip_profile:
+            log("profiling the engine per decoder step")
+            profiles = run_profiles(paths["bundle_fp32"], texts, args, Path(tmpdir))
+    report.score(rows, refs, REFERENCE)
+    failures = report.check(rows, texts, REFERENCE, CT2_BASELINES[1], BLEU_TOLERANCE)
+    extras = [("gRPC", grpc or {})] + [("engine profile", p) for p in profiles]
+    failures += [f"{what}: {r['error']}" for what, r in extras if r.get("error")]
     report.add_ratios(rows, CT2_BASELINES, REFERENCE)
     if args.checkpoint is None:
         notes.append("no checkpoint given: PyTorch and CTranslate2 rows left out")
@@ -418,19 +425,14 @@ def bench(args: argparse.Namespace) -> int:
             "wall_s": round(time.perf_counter() - started, 1)}
     for r in rows:  # outputs stay out of the JSON: the texts are reproducible, the file stays small
         r.pop("outputs", None)
-    result = {"meta": meta, "rows": rows, "grpc": grpc, "failures": failures, "notes": notes}
+    result = {"meta": meta, "rows": rows, "grpc": grpc, "profiles": profiles, "failures": failures,
+              "notes": notes}
     md_path, js_path = report.write_report(result, args.out_dir)
     print(report.markdown(result))
     log(f"wrote {md_path} and {js_path} in {meta['wall_s']} s")
     for f in failures:
         print(f"FAIL: {f}", file=sys.stderr)
     return 1 if failures else 0
-
-
-def grpc_measurements(paths: dict[str, str], texts: list[str], args: argparse.Namespace,
-                      notes: list[str]) -> dict[str, Any] | None:
-    notes.append("gRPC measurements not run yet (server not available)")
-    return None
 
 
 if __name__ == "__main__":
