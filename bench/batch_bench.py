@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from serve.batch import JobConfig, run_job
 from serve.batch_backends import Backend, EngineBackend, GrpcBackend
@@ -23,7 +24,7 @@ from serve.batch_io import OrderedOutput, input_identity, read_segments
 from serve.types import DecodeOptions
 
 
-def serve_forever(model_dir: str, device: str, ports: mp.Queue, stop: mp.Event) -> None:
+def serve_forever(model_dir: str, device: str, ports: Any, stop: Any) -> None:
     """Child process: one server on port 0 with the bundle; reports its port, runs until `stop`."""
     from serve.engine import Translator
     from serve.registry import ModelRegistry

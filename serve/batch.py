@@ -157,9 +157,10 @@ def run_job(segments: Iterable[Segment], backend: Backend, out: OrderedOutput, c
     pool = ThreadPoolExecutor(window, thread_name_prefix="nmt-batch")
     pending: set[Future[ChunkResult]] = set()
 
-    def settle(block: bool) -> None:
+    def settle() -> None:
+        """Wait for at least one chunk, then account for and hand in every finished one."""
         nonlocal pending, first_failure
-        done, pending = wait(pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
         for fut in done:
             chunk = fut.result()
             for seg, msg in chunk.errors:
@@ -179,12 +180,12 @@ def run_job(segments: Iterable[Segment], backend: Backend, out: OrderedOutput, c
     try:
         for chunk in chunked(segments, cfg.chunk_size):
             while len(pending) + out.waiting >= window:
-                settle(block=True)
+                settle()
             if first_failure is not None and cfg.on_error == "fail":
                 break
             pending.add(pool.submit(translate_chunk, backend, chunk, cfg))
         while pending:
-            settle(block=True)
+            settle()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     if first_failure is not None and cfg.on_error == "fail":
@@ -244,6 +245,8 @@ def check_args(args: argparse.Namespace) -> None:
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit():
             raise InvalidRequest(f"--server {target!r}: expected HOST:PORT")
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise InvalidRequest("OUTPUT is the INPUT file; write the translation elsewhere")
     if args.model_dir and not Path(args.model_dir).is_dir():
         raise BundleError(f"{args.model_dir}: no such directory")
 
@@ -268,7 +271,7 @@ def run_command(args: argparse.Namespace, backend: Backend | None = None) -> int
     options = DecodeOptions(beam_size=args.beam_size, return_scores=args.scores)
     cfg = JobConfig(fmt=detect_format(args.input, args.format), text_field=args.text_field,
                     id_field=args.id_field, options=options, with_scores=args.scores, on_error=args.on_error,
-                    chunk_size=args.chunk_size, in_flight=args.in_flight)
+                    chunk_size=min(args.chunk_size, args.in_flight), in_flight=args.in_flight)
     total = scan_input(args.input, cfg.fmt, cfg.text_field)
     reference = read_text_lines(args.reference) if args.reference else None
     if reference is not None and len(reference) != total:

@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 STATE_VERSION = 1
 GZIP_MAGIC = b"\x1f\x8b"
@@ -49,7 +49,7 @@ def open_binary(path: str | Path) -> IO[bytes]:
     f = open(path, "rb")
     if f.read(2) == GZIP_MAGIC:
         f.close()
-        return gzip.open(path, "rb")
+        return cast(IO[bytes], gzip.open(path, "rb"))
     f.seek(0)
     return f
 
