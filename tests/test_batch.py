@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -229,14 +230,14 @@ def test_state_of_another_input_is_refused_unless_restart(tmp_path, tiny_bundle,
 # ----------------------------------------------------------------------------- real gRPC servers
 
 
-def start_server(translator, max_queue: int = 1024):
+def start_server(translator, max_queue: int = 1024, port: int = 0, auth_token: str | None = None):
     from serve.metrics import Metrics
     from serve.registry import BatchingConfig, ModelRegistry
     from serve.server import ServerConfig, create_server
 
     metrics = Metrics()
     registry = ModelRegistry(BatchingConfig(max_queue=max_queue), metrics=metrics)
-    server, port = create_server(registry, ServerConfig(port=0), metrics)
+    server, port = create_server(registry, ServerConfig(port=port, auth_token=auth_token), metrics)
     registry.add(translator)
     server.set_serving()
     return server, f"127.0.0.1:{port}", metrics
@@ -296,3 +297,41 @@ def test_no_server_answering_fails_after_give_up_time_and_leaves_nothing(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "no server answered for 1s" in err[0]
     assert time.monotonic() - start < 20 and leftovers(out) == []
+
+
+def test_a_server_that_comes_up_late_is_retried_and_the_job_completes(tmp_path, engine, capsys):
+    with socket.socket() as probe:  # a free port, with nothing listening on it yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    inp, out = write_txt(tmp_path / "in.txt", SRC[:12]), tmp_path / "out.txt"
+    rc: list[int] = []
+    job = threading.Thread(target=lambda: rc.append(batch.main(
+        [str(inp), str(out), "--server", f"127.0.0.1:{port}", "--chunk-size", "4", "--give-up-after", "60",
+         "--no-progress"])))
+    job.start()
+    time.sleep(1.5)
+    server = None
+    try:
+        assert job.is_alive()  # waiting for a server, not failed
+        server, _, _ = start_server(engine, port=port)
+        job.join(timeout=60)
+    finally:
+        if server is not None:
+            server.stop()
+    assert rc == [0]
+    assert int(re.search(r"retries: (\d+)", capsys.readouterr().out).group(1)) > 0
+    assert out.read_text(encoding="utf-8").splitlines() == expected(engine, SRC[:12])
+
+
+def test_auth_token_is_sent_and_a_refusal_is_one_error_line(tmp_path, engine, capsys):
+    server, target, _ = start_server(engine, auth_token="s3cret")
+    inp, out = write_txt(tmp_path / "in.txt", SRC[:4]), tmp_path / "out.txt"
+    flags = ["--server", target, "--no-progress"]
+    try:
+        assert batch.main([str(inp), str(out), *flags, "--auth-token", "wrong"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "UNAUTHENTICATED" in err[0] and leftovers(out) == []
+        assert batch.main([str(inp), str(out), *flags, "--auth-token", "s3cret"]) == 0
+    finally:
+        server.stop()
+    assert out.read_text(encoding="utf-8").splitlines() == expected(engine, SRC[:4])
