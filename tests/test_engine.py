@@ -56,7 +56,8 @@ def test_load_reports_bundle_and_provider(translator, tiny_bundle):
     assert translator.steps > 0  # the warm-up ran
 
 
-@pytest.mark.parametrize("opts", [DecodeOptions(), DecodeOptions(min_length=6, length_penalty=0.6)],
+# min_length 15 is longer than several of the plain outputs, so the EOS ban changes results.
+@pytest.mark.parametrize("opts", [DecodeOptions(), DecodeOptions(min_length=15, length_penalty=0.6)],
                          ids=["plain", "min_length"])
 def test_greedy_equals_uncached_pytorch_greedy(translator, reference, sources, opts):
     from train.decode import greedy_decode
@@ -64,7 +65,7 @@ def test_greedy_equals_uncached_pytorch_greedy(translator, reference, sources, o
     got = translator.translate_ids(sources, opts)  # batched, sorted and packed
     for src, hyps in zip(sources, got):
         assert_same(hyps, [greedy_decode(reference, src, opts)])
-    assert any(len(h[0].tokens) >= 6 for h in got)
+    assert all(len(h[0].tokens) >= opts.min_length for h in got)
 
 
 @pytest.mark.parametrize("opts", [
