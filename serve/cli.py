@@ -45,7 +45,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-batch-tokens", type=int, default=b.max_batch_tokens,
                    help="source tokens x beam size per engine batch")
     p.add_argument("--max-delay-ms", type=float, default=b.max_delay * 1e3,
-                   help="how long a batch may wait for more requests once work is queued")
+                   help="how long a batch may wait for more requests while requests overlap")
+    p.add_argument("--batch-wait", choices=("adaptive", "always"), default="adaptive",
+                   help="adaptive: a lone request does not wait (latency); always: wait every time")
     p.add_argument("--max-queue", type=int, default=b.max_queue,
                    help="texts waiting per model; more: RESOURCE_EXHAUSTED")
     p.add_argument("--max-texts", type=int, default=d.max_texts, help="texts per request")
@@ -94,7 +96,7 @@ def build_config(args: argparse.Namespace) -> tuple[ServerConfig, BatchingConfig
     config = ServerConfig(host=args.host, port=args.port, limits=limits, auth_token=args.auth_token,
                           tls_cert=cert, tls_key=key, workers=args.workers)
     batching = BatchingConfig(max_batch_tokens=args.max_batch_tokens, max_delay=args.max_delay_ms / 1e3,
-                              max_queue=args.max_queue)
+                              max_queue=args.max_queue, always_wait=args.batch_wait == "always")
     return config, batching
 
 

@@ -20,6 +20,7 @@ class BatchingConfig:
     max_batch_tokens: int = 4096  # source tokens x beam size per engine batch
     max_delay: float = 0.002  # seconds the scheduler lets the queue fill once work arrived
     max_queue: int = 1024  # texts waiting per model; beyond it RESOURCE_EXHAUSTED
+    always_wait: bool = False  # wait max_delay even for a lone request (default: only while requests overlap)
 
 
 @dataclass
@@ -50,7 +51,7 @@ class ModelRegistry:
                 raise ValueError(f"two bundles are named {translator.name!r}; model names must be unique")
             b = self.batching
             scheduler = BatchScheduler(translator, max_batch_tokens=b.max_batch_tokens, max_delay=b.max_delay,
-                                       max_queue=b.max_queue, metrics=self.metrics)
+                                       max_queue=b.max_queue, always_wait=b.always_wait, metrics=self.metrics)
             model = ServedModel(translator, scheduler)
             self._models.append(model)
             return model

@@ -1,10 +1,14 @@
 """Dynamic batching: one scheduler thread per model turns concurrent requests into engine batches.
 
 Requests are split into rows (one per text) and queued. The thread waits for work, gives the queue
-a short `max_delay` to fill (unless the token budget is already reached), then takes the oldest row's
-options and every queued row with identical options, oldest first, up to the token budget, and runs
+a short `max_delay` to fill (unless the token budget is already reached), then takes the oldest
+row's options and every queued row with identical options, oldest first, up to the token budget, and runs
 them through `Translator.translate_ids` as one call. Each request's future completes when its last
 row is done. The queue is bounded in texts: `submit` raises QueueFull instead of growing.
+
+The fill delay is adaptive by default: it applies only while requests overlap (the previous batch held
+several), so a lone client is not made to wait for company that is not coming; under concurrent load
+batches fill up. `always_wait=True` waits every time (largest batches, for throughput-bound jobs).
 
 A request's StopSignal (deadline or cancellation) drops its rows from the queue and from a running
 batch at the next decoding step; the future then fails with DeadlineExceeded or Cancelled.
@@ -68,7 +72,8 @@ class BatchScheduler:
     """Gathers queued rows into engine batches on its own thread; `translator`: a serve.engine.Translator."""
 
     def __init__(self, translator: Any, *, max_batch_tokens: int = 4096, max_delay: float = 0.002,
-                 max_queue: int = 1024, name: str = "", metrics: Metrics | None = None):
+                 max_queue: int = 1024, always_wait: bool = False, name: str = "",
+                 metrics: Metrics | None = None):
         if max_batch_tokens <= 0 or max_queue <= 0 or max_delay < 0:
             raise ValueError("max_batch_tokens and max_queue must be positive, max_delay >= 0")
         self.translator = translator
@@ -78,6 +83,8 @@ class BatchScheduler:
         self._rows: deque[Row] = deque()
         self._cond = threading.Condition()
         self._closing = False
+        self.always_wait = always_wait
+        self._overlapping = False  # the last batch held several requests: worth waiting for more
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{self.name}", daemon=True)
         self._thread.start()
 
@@ -145,7 +152,8 @@ class BatchScheduler:
                 if self._closing:
                     return None
                 self._cond.wait()
-            fill_until = self._rows[0][0].enqueued + self.max_delay
+            wait = self.always_wait or self._overlapping
+            fill_until = self._rows[0][0].enqueued + (self.max_delay if wait else 0.0)
             while not self._closing and sum(map(self._cost, self._rows)) < self.max_batch_tokens:
                 left = fill_until - time.monotonic()
                 if left <= 0:
@@ -179,6 +187,7 @@ class BatchScheduler:
             else:
                 kept.append(row)
         self._rows = kept
+        self._overlapping = len({id(job) for job, _ in batch}) > 1
         return batch
 
     def _execute(self, batch: list[Row]) -> None:

@@ -83,7 +83,7 @@ def engine(tiny_bundle):
 def test_sigterm_drains_every_accepted_request_and_exits_0(tiny_bundle, engine):
     # The queue waits 1 s for more work, so requests are provably accepted and pending at SIGTERM.
     server = ServerProcess("--model-dir", str(tiny_bundle), "--port", "0", "--metrics-port", "0",
-                           "--max-delay-ms", "1000", "--drain-seconds", "20")
+                           "--max-delay-ms", "1000", "--batch-wait", "always", "--drain-seconds", "20")
     try:
         port, metrics_port = server.ports()
         target = f"127.0.0.1:{port}"
