@@ -214,6 +214,30 @@ def test_short_deadline_is_deadline_exceeded_and_the_work_is_dropped(slow_batchi
     assert client.translate(TEXTS[:1], timeout=30)[0].text
 
 
+def test_cancelled_request_stops_decoding(served, translator):
+    """Measured in decoder steps, not time: after the cancel no further step runs."""
+    server, _, client = served
+    # min_length keeps EOS away, so this would decode max_positions - 1 = 127 steps if left alone.
+    options = pb.DecodingOptions(beam_size=8, min_length=200, max_length_a=10, max_length_b=200)
+    request = pb.TranslateRequest(texts=TEXTS[:8], options=options)
+    before = translator.steps
+    call = client.stub.Translate.future(request, timeout=60)
+    while translator.steps < before + 3:
+        time.sleep(0.001)
+    call.cancel()
+    deadline = time.monotonic() + 10
+    sample = server.metrics.registry.get_sample_value
+    labels = {"method": "Translate", "model": "en-de", "code": "CANCELLED"}
+    while not sample("nmt_requests_total", labels) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sample("nmt_requests_total", labels) == 1
+    stopped_at = translator.steps
+    time.sleep(0.2)
+    assert translator.steps == stopped_at  # nothing runs on after the cancellation
+    assert stopped_at - before < translator.max_source_tokens - 1  # and it stopped before the end
+    assert client.translate(TEXTS[:1], timeout=30)[0].text
+
+
 def test_health_transitions_and_drain(translator):
     metrics = Metrics()
     batching = BatchingConfig(max_delay=0.5, always_wait=True)
