@@ -94,7 +94,9 @@ class Translator:
     # -- requests -----------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Source ids of each text, EOS appended (the model's input convention)."""
-        return [ids + [self.manifest.eos_id] for ids in self.tokenizer.encode_batch(list(texts))]
+        # One call per text: SentencePiece's batch call starts a thread pool each time, which
+        # costs more than encoding a request's few sentences.
+        return [self.tokenizer.encode(text) + [self.manifest.eos_id] for text in texts]
 
     def check_sources(self, sources: list[list[int]]) -> None:
         vocab = self.manifest.vocab_size
