@@ -5,15 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import NoReturn
 
 from export.pipeline import DEFAULT_OPSET, DTYPES, ExportError, export_bundle
 from serve.bundle import read_manifest
 from train.checkpoint import CheckpointError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit 2), like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="nmt export",
-                                description="Export a checkpoint to a validated ONNX bundle.")
+    p = OneLineParser(prog="nmt export", description="Export a checkpoint to a validated ONNX bundle.")
     p.add_argument("checkpoint", help="checkpoint file written by `nmt train` (or `nmt average`)")
     p.add_argument("--out", required=True, help="bundle directory to create")
     p.add_argument("--dtype", choices=DTYPES, default="fp32",
@@ -24,6 +31,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def one_line(e: BaseException) -> str:
+    """The first line of an error (torch's unpickling errors run over many lines)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -31,7 +44,10 @@ def main(argv: list[str]) -> int:
         out = export_bundle(args.checkpoint, args.out, args.dtype, opset=args.opset, name=args.name,
                             force=args.force)
     except (ExportError, CheckpointError) as e:
-        print(f"nmt export: {e}", file=sys.stderr)
+        print(f"nmt export: {one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # exporter/converter failures: still one line, the bundle was not written
+        print(f"nmt export: export failed ({type(e).__name__}: {one_line(e)})", file=sys.stderr)
         return 1
     m = read_manifest(out)
     v = m.raw["validation"]
