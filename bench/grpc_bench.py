@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,14 +44,15 @@ def start_server(bundle: Path, device: str, extra: list[str]) -> tuple[subproces
     proc = subprocess.Popen([sys.executable, "-m", "nmt", "serve", "--model-dir", str(bundle), "--port", "0",
                              "--device", device, "--log-level", "warning", *extra],
                             cwd=REPO, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
+    stderr: Iterable[str] = proc.stderr or []
+    for line in stderr:
         m = re.match(r"nmt serve: listening on ([\d.]+):(\d+)", line)
         if m:
             target = f"127.0.0.1:{m.group(2)}"
             break
     else:
         raise RuntimeError(f"nmt serve did not start (exit {proc.wait()})")
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe empty
+    threading.Thread(target=lambda: [None for _ in stderr], daemon=True).start()  # keep the pipe empty
     with TranslatorClient(target) as client:
         for _ in range(600):
             try:
@@ -70,7 +72,8 @@ def paired_latency(engine_translate, grpc_translate, texts: list[str],
     for text in texts[:10]:  # warm-up
         engine_translate(text)
         grpc_translate(text)
-    engine, grpc = [], []
+    engine: list[float] = []
+    grpc: list[float] = []
     for i in range(n):
         for fn, out in ((engine_translate, engine), (grpc_translate, grpc)):
             start = time.perf_counter()

@@ -198,8 +198,9 @@ def main(argv: list[str]) -> int:
             for answer in client.translate_stream(batches, options, **route):
                 if answer.error is not None:
                     raise answer.error
-                print_results(answer.results, index, args.scores, args.n_best)
-                index += len(answer.results)
+                results = answer.results or []
+                print_results(results, index, args.scores, args.n_best)
+                index += len(results)
     except TranslatorError as e:
         print(f"nmt translate: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1

@@ -187,6 +187,7 @@ class TranslatorServicer:
             try:
                 for request in requests:
                     started = time.monotonic()
+                    item: tuple  # (request, started, model, sources, options, future or exception)
                     try:
                         model, sources, options = self._prepare(request)
                         future = model.scheduler.submit(sources, options, stop, block=True)
