@@ -137,6 +137,37 @@ def test_model_info(served, translator):
     assert (info.limits.max_texts, info.limits.max_chars) == (8, 500)
 
 
+def test_several_models_routed_by_name_or_language_pair(translator, tiny_bundle, tmp_path):
+    """A second bundle (the same weights relabelled en->fr) beside the first: requests reach the one named."""
+    import json
+    import shutil
+
+    from serve.engine import Translator
+
+    other = tmp_path / "en-fr"
+    shutil.copytree(tiny_bundle, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest.update(name="en-fr", tgt_lang="fr")
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with running(translator) as (server, _, client):
+        server.registry.add(Translator.from_bundle(other, device="cpu"))
+        info = client.model_info(timeout=10)
+        assert [(m.name, m.is_default) for m in info.models] == [("en-de", True), ("en-fr", False)]
+        assert [p.target_language for p in info.language_pairs] == ["de", "fr"]
+        served_by = {}
+        for route in (dict(), dict(model="en-fr"), dict(target_language="fr"), dict(source_language="en"),
+                      dict(source_language="en", target_language="de")):
+            served_by[tuple(route.values())] = client.stub.Translate(
+                pb.TranslateRequest(texts=["A dog."], **route), timeout=10).model
+        assert served_by == {(): "en-de", ("en-fr",): "en-fr", ("fr",): "en-fr", ("en",): "en-de",
+                             ("en", "de"): "en-de"}
+        with pytest.raises(TranslatorError) as e:
+            client.translate(["A dog."], timeout=10, source_language="de", target_language="en")
+        assert e.value.details() == "unknown language pair de->en; served: en->de, en->fr"
+        with pytest.raises(ValueError, match="two bundles are named 'en-fr'"):
+            server.registry.add(Translator.from_bundle(other, device="cpu", warmup=False))
+
+
 def raw_call(port: int, payload: bytes) -> grpc.RpcError:
     """Send bytes that are not a valid TranslateRequest."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
