@@ -9,6 +9,8 @@ row is done. The queue is bounded in texts: `submit` raises QueueFull instead of
 The fill delay is adaptive by default: it applies only while requests overlap (the previous batch held
 several), so a lone client is not made to wait for company that is not coming; under concurrent load
 batches fill up. `always_wait=True` waits every time (largest batches, for throughput-bound jobs).
+A lone request on an idle model runs on the submitting thread: no hand-off to the scheduler thread and
+back, which on a busy host can cost more than the gRPC call itself. One batch runs at a time per model.
 
 A request's StopSignal (deadline or cancellation) drops its rows from the queue and from a running
 batch at the next decoding step; the future then fails with DeadlineExceeded or Cancelled.
@@ -84,6 +86,7 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._closing = False
         self.always_wait = always_wait
+        self._busy = False  # a batch is running (on the scheduler thread or a submitting thread)
         self._overlapping = False  # the last batch held several requests: worth waiting for more
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{self.name}", daemon=True)
         self._thread.start()
@@ -100,6 +103,7 @@ class BatchScheduler:
 
         Raises QueueFull when the queue cannot take them, or with block=True waits for room
         (until `stop` is set: then the returned future fails like a stopped request).
+        With block=False a lone request on an idle model is decoded right here, before returning.
         """
         if len(sources) > self.max_queue:
             raise QueueFull(f"{len(sources)} texts exceed the queue of model {self.name!r} "
@@ -121,8 +125,17 @@ class BatchScheduler:
                 return job.future
             job.enqueued = time.monotonic()
             self._rows.extend((job, i) for i in range(len(sources)))
-            self._cond.notify_all()
-        self._report_queue()
+            inline = (not block and not self._busy and not self._overlapping and not self.always_wait
+                      and len(self._rows) == len(sources))
+            if inline:
+                self._busy = True
+                batch = self._take_locked()
+            else:
+                self._cond.notify_all()
+        if inline:
+            self._execute_and_release(batch)
+        else:
+            self._report_queue()
         return job.future
 
     def close(self, timeout: float | None = None) -> None:
@@ -138,8 +151,7 @@ class BatchScheduler:
             batch = self._next_batch()
             if batch is None:
                 return
-            if batch:
-                self._execute(batch)
+            self._execute_and_release(batch)
 
     def _cost(self, row: Row) -> int:
         job, i = row
@@ -148,8 +160,8 @@ class BatchScheduler:
     def _next_batch(self) -> list[Row] | None:
         """Wait for rows, let the queue fill up to max_delay, then take one batch (None: closed and empty)."""
         with self._cond:
-            while not self._rows:
-                if self._closing:
+            while not self._rows or self._busy:
+                if self._closing and not self._rows and not self._busy:
                     return None
                 self._cond.wait()
             wait = self.always_wait or self._overlapping
@@ -160,6 +172,7 @@ class BatchScheduler:
                     break
                 self._cond.wait(left)
             batch = self._take_locked()
+            self._busy = True
             self._cond.notify_all()  # room in the queue for blocked submitters
         self._report_queue()
         return batch
@@ -189,6 +202,16 @@ class BatchScheduler:
         self._rows = kept
         self._overlapping = len({id(job) for job, _ in batch}) > 1
         return batch
+
+    def _execute_and_release(self, batch: list[Row]) -> None:
+        try:
+            if batch:
+                self._execute(batch)
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+            self._report_queue()
 
     def _execute(self, batch: list[Row]) -> None:
         started = time.monotonic()
