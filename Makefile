@@ -10,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
-BENCH_ARGS ?= --checkpoint work/demo/run/best.pt
+BENCH_ARGS ?= --checkpoint work/demo/run/best.pt --bundle work/demo/bundle
 PYTEST_ARGS ?=
 # Type-checked packages (the ones that exist).
 TYPED := $(wildcard nmt train export serve bench scripts)
@@ -49,4 +49,4 @@ demo: venv
 	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 bench: venv
-	$(BIN)/nmt bench $(BENCH_ARGS)
+	$(BIN)/python -m nmt bench $(BENCH_ARGS)

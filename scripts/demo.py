@@ -175,14 +175,23 @@ def stage_train(demo: Demo) -> bool:
 
 
 def stage_evaluate(demo: Demo) -> bool:
-    out = demo.work / "evaluate.txt"
+    """PyTorch's own greedy and beam BLEU: the reference the exported bundle is served against."""
+    log = evaluate_log(demo)
+    out = demo.work / log
     if out.is_file() and out.stat().st_mtime >= demo.checkpoint.stat().st_mtime:
         print(out.read_text(encoding="utf-8"), end="")
-        print(f"(reused {out.relative_to(demo.work)})")
+        print(f"(reused {log})")
         return True
-    run(demo, ["evaluate", str(demo.checkpoint), "--data-dir", demo.args.data_dir,
-               "--split", "test_2016_flickr", "--beam", str(demo.args.beam)], log_name="evaluate.txt")
+    args = ["evaluate", str(demo.checkpoint), "--data-dir", demo.args.data_dir, "--split", "test_2016_flickr",
+            "--beam", str(demo.args.beam)]
+    if demo.args.eval_limit:
+        args += ["--limit", str(demo.args.eval_limit)]
+    run(demo, args, log_name=log)
     return False
+
+
+def evaluate_log(demo: Demo) -> str:
+    return f"evaluate-beam{demo.args.beam}-limit{demo.args.eval_limit or 'all'}.txt"
 
 
 def stage_export(demo: Demo) -> bool:
@@ -301,12 +310,12 @@ def print_summary(demo: Demo) -> None:
     print("\n==> summary")
     for name, status, dt in demo.timings:
         print(f"  {name:<10} {status:<8} {dt:8.1f} s")
-    for log in ("evaluate.txt", "test-set.txt"):
+    for label, log in (("evaluate (PyTorch)", evaluate_log(demo)), ("test set (gRPC)", "test-set.txt")):
         path = demo.work / log
-        if path.is_file():
+        if path.is_file() and not (label.startswith("evaluate") and demo.args.skip_evaluate):
             for line in path.read_text(encoding="utf-8").splitlines():
                 if "BLEU" in line:
-                    print(f"  {log.removesuffix('.txt')}: {line.strip()}")
+                    print(f"  {label}: {line.strip()}")
     print(f"  outputs in {demo.work}/ (run/, bundle/, test.hyp.de, server.log)")
 
 
@@ -323,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "int8"], help="bundle dtype")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="server device")
     p.add_argument("--test-lines", type=int, default=0, help="translate only the first N test sentences")
+    p.add_argument("--eval-limit", type=int, default=200,
+                   help="test sentences decoded by the PyTorch evaluation (0: all; it is slow on CPU)")
     p.add_argument("--skip-evaluate", action="store_true", help="skip the PyTorch evaluation stage")
     p.add_argument("--drain-seconds", type=int, default=10, help="the server's graceful drain on SIGTERM")
     p.add_argument("--serve-timeout", type=float, default=180.0, help="seconds to wait for SERVING")
@@ -334,13 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.minutes is None:
         args.minutes = 30.0 if gpu_available() else 5.0
-    if args.minutes <= 0 or args.beam < 1 or args.test_lines < 0:
-        print("demo: --minutes and --beam must be positive and --test-lines >= 0", file=sys.stderr)
+    if args.minutes <= 0 or args.beam < 1 or args.test_lines < 0 or args.eval_limit < 0:
+        print("demo: --minutes and --beam must be positive, --test-lines and --eval-limit >= 0",
+              file=sys.stderr)
         return 2
     work = Path(args.work_dir).resolve()
     if args.fresh:
-        for name in ("run", "bundle", "evaluate.txt", "test.en", "test.de", "test.hyp.de", "test-set.txt"):
+        for name in ("run", "bundle", "test.en", "test.de", "test.hyp.de", "test-set.txt"):
             _remove(work / name)
+        for log in work.glob("evaluate-*.txt"):
+            _remove(log)
     work.mkdir(parents=True, exist_ok=True)
     demo = Demo(args=args, work=work)
     # `kill` of the demo must still stop the server: turn SIGTERM into an exception that unwinds.

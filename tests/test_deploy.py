@@ -384,7 +384,8 @@ def test_demo_reuses_finished_stages_serves_and_stops(tiny_checkpoint, tiny_bund
     (work / "run").mkdir(parents=True)
     shutil.copy(tiny_checkpoint, work / "run" / "best.pt")
     (work / "run" / "demo-train.json").write_text('{"preset": "tiny", "minutes": 0.1, "max_steps": 150}')
-    shutil.copytree(tiny_bundle, work / "bundle")  # newer than the checkpoint: the export is current
+    # Copied after the checkpoint and with fresh times: the export is current.
+    shutil.copytree(tiny_bundle, work / "bundle", copy_function=shutil.copy)
     r = run_demo("--work-dir", str(work), "--skip-evaluate", "--test-lines", "12", "--beam", "2",
                  "--device", "cpu", "--drain-seconds", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -392,7 +393,7 @@ def test_demo_reuses_finished_stages_serves_and_stops(tiny_checkpoint, tiny_bund
     assert "the server drained and exited with code 0" in r.stdout
     hyps = (work / "test.hyp.de").read_text(encoding="utf-8").splitlines()
     assert len(hyps) == 12 and all(hyps)
-    assert re.search(r"test-set: .*BLEU", r.stdout)
+    assert re.search(r"test set \(gRPC\): .*BLEU", r.stdout)
 
 
 def test_demo_failing_stage_is_one_clear_line_and_nonzero(tmp_path):
