@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -68,13 +70,56 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
+class InFlightInterceptor(grpc.ServerInterceptor):
+    """Counts Translator RPCs from arrival (before they wait for a worker thread) to completion, so a
+    drain knows when accepted work is done without waiting on health Watch streams, which never end."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return self._count
+
+    def _add(self, n: int) -> None:
+        with self._lock:
+            self._count += n
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE}/"):
+            return handler
+        self._add(1)
+        if handler.request_streaming:
+            stream = handler.stream_stream
+
+            def counted_stream(requests, context):
+                try:
+                    yield from stream(requests, context)
+                finally:
+                    self._add(-1)
+            return grpc.stream_stream_rpc_method_handler(counted_stream, handler.request_deserializer,
+                                                         handler.response_serializer)
+        unary = handler.unary_unary
+
+        def counted_unary(request, context):
+            try:
+                return unary(request, context)
+            finally:
+                self._add(-1)
+        return grpc.unary_unary_rpc_method_handler(counted_unary, handler.request_deserializer,
+                                                   handler.response_serializer)
+
+
 class TranslationServer:
     """A started grpc server with its health state and model registry."""
 
     def __init__(self, grpc_server: grpc.Server, health_servicer: health.HealthServicer,
-                 registry: ModelRegistry, metrics: Metrics):
+                 registry: ModelRegistry, metrics: Metrics, in_flight: InFlightInterceptor):
         self.grpc_server, self.health = grpc_server, health_servicer
-        self.registry, self.metrics = registry, metrics
+        self.registry, self.metrics, self.in_flight = registry, metrics, in_flight
 
     def _set_health(self, status: Any) -> None:
         for name in ("", SERVICE):
@@ -89,7 +134,13 @@ class TranslationServer:
     def drain(self, grace: float) -> None:
         """NOT_SERVING, refuse new RPCs, let accepted ones finish within `grace` seconds, stop schedulers."""
         self.set_not_serving()
-        self.grpc_server.stop(grace).wait()
+        self.health.enter_graceful_shutdown()  # and no later set() flips it back
+        stopped = self.grpc_server.stop(grace)
+        end = time.monotonic() + grace
+        while self.in_flight.count > 0 and time.monotonic() < end and not stopped.is_set():
+            time.sleep(0.02)
+        self.grpc_server.stop(0)  # what is left: health watchers, or work past the grace period
+        stopped.wait()
         self.registry.close(timeout=1.0)
 
     def stop(self) -> None:
@@ -104,7 +155,10 @@ def create_server(registry: ModelRegistry, config: ServerConfig = ServerConfig()
     size = config.limits.max_message_bytes
     options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
                ("grpc.so_reuseport", 0)]
-    interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+    in_flight = InFlightInterceptor()
+    interceptors: list[grpc.ServerInterceptor] = [in_flight]
+    if config.auth_token:
+        interceptors.insert(0, BearerTokenInterceptor(config.auth_token))
     server = grpc.server(ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
                          interceptors=interceptors, options=options,
                          maximum_concurrent_rpcs=config.max_concurrent_rpcs)
@@ -125,7 +179,7 @@ def create_server(registry: ModelRegistry, config: ServerConfig = ServerConfig()
         raise OSError(f"cannot listen on {address}: {e}") from None
     if port == 0:
         raise OSError(f"cannot listen on {address}")
-    wrapper = TranslationServer(server, health_servicer, registry, metrics)
+    wrapper = TranslationServer(server, health_servicer, registry, metrics, in_flight)
     wrapper.set_not_serving()
     server.start()
     log.info("listening on %s:%d (%s)", config.host, port, "TLS" if config.tls_cert else "plaintext")

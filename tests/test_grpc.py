@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from conftest import read_lines
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from nmt.v1 import translator_pb2 as pb
@@ -282,19 +282,23 @@ def test_health_transitions_and_drain(translator):
         server.set_serving()
         assert client.health() == "SERVING" and client.health("nmt.v1.Translator") == "SERVING"
 
+        # What a load balancer watching health sees.
+        watch = health_pb2_grpc.HealthStub(client.channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         with ThreadPoolExecutor(1) as pool:  # accepted before the drain: sits queued for 0.5 s
             accepted = pool.submit(client.translate, TEXTS[:3], None, 30)
             while server.registry.models[0].scheduler.queued < 3:
                 time.sleep(0.005)
             drainer = threading.Thread(target=server.drain, args=(10,))
             drainer.start()
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
             time.sleep(0.05)
             with pytest.raises(TranslatorError) as e:  # new work is refused
                 client.translate(["A dog."], timeout=10)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert server.health._server_status[""] == health_pb2.HealthCheckResponse.NOT_SERVING
             same_results(accepted.result(), translator.translate(TEXTS[:3]), False)
-            drainer.join()
+            drainer.join(5)
+            assert not drainer.is_alive()  # done with the accepted work: the open Watch stream is not waited for
 
 
 def test_reflection_lists_the_service(served):
