@@ -298,7 +298,7 @@ def test_health_transitions_and_drain(translator):
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
             same_results(accepted.result(), translator.translate(TEXTS[:3]), False)
             drainer.join(5)
-            assert not drainer.is_alive()  # done with the accepted work: the open Watch stream is not waited for
+            assert not drainer.is_alive()  # the open Watch stream is not waited for
 
 
 def test_reflection_lists_the_service(served):
