@@ -99,10 +99,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_sha256(path: Path, expected: str) -> None:
+def verify_sha256(path: Path, expected: str, name: str | None = None) -> None:
     actual = sha256_file(path)
     if actual != expected:
-        raise CorpusError(f"{path}: checksum mismatch (sha256 {actual}, expected {expected})")
+        raise CorpusError(f"{name or path}: checksum mismatch (sha256 {actual}, expected {expected})")
 
 
 def download(url: str, dest: Path, sha256: str) -> Path:
@@ -113,7 +113,7 @@ def download(url: str, dest: Path, sha256: str) -> Path:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             while chunk := resp.read(1 << 20):
                 out.write(chunk)
-        verify_sha256(Path(tmp), sha256)
+        verify_sha256(Path(tmp), sha256, name=url)
         os.replace(tmp, dest)
     except OSError as e:
         raise CorpusError(f"{url}: download failed ({e})") from None
