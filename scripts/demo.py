@@ -90,10 +90,15 @@ def run(demo: Demo, args: list[str], log_name: str | None = None) -> list[str]:
     proc = subprocess.Popen(nmt_command() + args, stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert proc.stdout is not None
     lines = []
-    for line in proc.stdout:
-        print(line, end="", flush=True)
-        lines.append(line.rstrip("\n"))
-    rc = proc.wait()
+    try:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            lines.append(line.rstrip("\n"))
+        rc = proc.wait()
+    finally:  # interrupted: the command must not outlive the demo
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
     if log_name:
         _write_atomic(demo.work / log_name, "\n".join(lines) + "\n")
     if rc != 0:

@@ -234,8 +234,9 @@ def compose_binary() -> tuple[list[str], bool] | None:
         if not shutil.which(cmd[0]):
             continue
         r = subprocess.run(cmd + ["version"], capture_output=True, text=True)
-        if r.returncode == 0:
-            return cmd, bool(re.search(r"v?2\.\d+", r.stdout.split("\n")[0]) or "Docker Compose" in r.stdout)
+        m = re.search(r"(\d+)\.\d+\.\d+", r.stdout)
+        if r.returncode == 0 and m:
+            return cmd, int(m[1]) >= 2
     return None
 
 
