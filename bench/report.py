@@ -1,8 +1,8 @@
 """Benchmark results: quality columns, checks, one markdown table and one JSON file (atomic).
 
-A report is a plain dict: {"meta": {...}, "rows": [...], "grpc": {...} | None, "failures": [...],
-"notes": [...]}. Each row carries its raw measurements; the ratio columns are derived here, so
-the JSON keeps only what was measured.
+A report is a plain dict: {"meta": {...}, "rows": [...], "grpc": {...} | None, "profiles": [...],
+"failures": [...], "notes": [...]}. Workers measure; BLEU, token agreement, the checks and the
+ratio columns are derived here from the rows' outputs and figures.
 """
 
 from __future__ import annotations

@@ -198,7 +198,7 @@ def worker_main() -> int:
         result = worker(job)
     except Exception as e:  # the parent turns this into a FAILED row, the other rows still run
         result = {"error": f"{type(e).__name__}: {e}"}
-    sys.stdout.write(json.dumps(result))
+    sys.stdout.write("\n" + json.dumps(result) + "\n")
     return 0
 
 
@@ -211,9 +211,10 @@ def run_worker(module: str, args: list[str], job: dict[str, Any] | None, threads
                               capture_output=True, text=True, env=env, cwd=REPO, timeout=WORKER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
-    try:
-        return json.loads(proc.stdout)
-    except json.JSONDecodeError:
+    lines = proc.stdout.strip().splitlines()
+    try:  # the result is the last line: a library printing to stdout must not lose the row
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
         last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         return {"error": f"worker died: {last}"}
 
@@ -280,9 +281,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rows", help="comma-separated subset of rows to run (default: all)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("sentences", "latency_sentences", "threads", "repeats", "grpc_requests", "grpc_duration"):
+    for name in ("sentences", "latency_sentences", "threads", "repeats", "grpc_requests"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.grpc_duration <= 0:
+        raise BenchError(f"--grpc-duration must be positive, got {args.grpc_duration}")
     if (args.test_src is None) != (args.test_ref is None):
         raise BenchError("--test-src and --test-ref go together")
     if args.checkpoint is None and args.bundle is None:
@@ -410,6 +413,8 @@ def bench(args: argparse.Namespace) -> int:
     report.add_ratios(rows, CT2_BASELINES, REFERENCE)
     if args.checkpoint is None:
         notes.append("no checkpoint given: PyTorch and CTranslate2 rows left out")
+    if not any(r["name"] == REFERENCE and r.get("outputs") for r in rows):
+        notes.append(f"token parity and BLEU agreement NOT checked: the {REFERENCE} row did not run")
     notes += [
         f"{REFERENCE} decodes one source at a time (the textbook loop), so its tokens/s is sequential "
         "and it runs one timed pass; it is the token reference for the 'same tokens' column",
