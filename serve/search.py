@@ -42,7 +42,7 @@ def normalised_score(log_prob: float, length: int, length_penalty: float) -> flo
 def hypothesis(tokens: list[int], log_prob: np.float32, ended: bool, opts: DecodeOptions) -> Hypothesis:
     lp = float(log_prob)
     return Hypothesis(text="", tokens=tokens, log_prob=lp,
-                      score=normalised_score(lp, len(tokens) + ended, opts.length_penalty))
+                      score=normalised_score(lp, len(tokens) + int(ended), opts.length_penalty))
 
 
 def reorder(cache: StepCache, index: list[int]) -> None:
@@ -60,43 +60,44 @@ def greedy_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos
     anyone's result.
     """
     n = len(budgets)
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    log_probs = [np.float32(0.0)] * n  # float32 sums, as the reference accumulates
-    ended, cancelled = [False] * n, [False] * n
-    done = [b <= 0 for b in budgets]
-    rows = list(range(n))  # rows[r] = the item held by cache row r
+    budget = np.asarray(budgets, dtype=np.int64)  # (N,)
+    out = np.zeros((n, max(budgets, default=0)), dtype=np.int64)  # (N, T) generated ids, EOS excluded
+    length = np.zeros(n, dtype=np.int64)  # (N,)
+    log_prob = np.zeros(n, dtype=np.float32)  # (N,) float32 sums, as the reference accumulates
+    ended, cancelled = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)  # (N,)
+    done = budget <= 0  # (N,)
+    rows = np.arange(n)  # (R,) the item held by each cache row
     feed = np.full(n, bos, dtype=np.int64)  # (R,) next input token per cache row
     step = 0
     while True:
-        for i in rows:
-            if not done[i] and stopped(i):
+        for i in rows[~done[rows]].tolist():
+            if stopped(i):
                 done[i] = cancelled[i] = True
-        live = [r for r, i in enumerate(rows) if not done[i]]
-        if not live:
+        live = ~done[rows]  # (R,)
+        if not live.any():
             break
-        if compaction and len(live) < len(rows):
-            reorder(cache, live)
-            rows, feed = [rows[r] for r in live], feed[live]
+        if compaction and not live.all():
+            keep = np.flatnonzero(live)
+            cache.keep(keep)
+            rows, feed, live = rows[keep], feed[keep], live[keep]
         eos_banned = step < opts.min_length
         # Below min_length the second best stands in for a banned EOS, so ask for two.
         values, ids = cache.step(feed, 2 if eos_banned else 1)  # (R, k)
-        choice = np.zeros(len(rows), dtype=np.int64)  # (R,)
-        if eos_banned:
-            choice[ids[:, 0] == eos] = 1
-        picked = ids[np.arange(len(rows)), choice]  # (R,)
-        for r, i in enumerate(rows):
-            if done[i]:
-                continue
-            token = int(picked[r])
-            log_probs[i] = np.float32(log_probs[i] + values[r, choice[r]])
-            if token == eos:
-                ended[i] = done[i] = True
-            else:
-                tokens[i].append(token)
-                done[i] = len(tokens[i]) >= budgets[i]
+        choice = ((ids[:, 0] == eos) & eos_banned).astype(np.int64)  # (R,) column of the pick
+        r = np.arange(len(rows))
+        picked = ids[r, choice]  # (R,)
+        items, token = rows[live], picked[live]  # rows still decoding (without compaction: a subset)
+        log_prob[items] += values[r, choice][live]
+        is_eos = token == eos
+        ended[items[is_eos]] = True
+        grow = items[~is_eos]
+        out[grow, length[grow]] = token[~is_eos]
+        length[grow] += 1
+        done[items] = is_eos | (length[items] >= budget[items])
         feed = picked
         step += 1
-    return [None if cancelled[i] else hypothesis(tokens[i], log_probs[i], ended[i], opts) for i in range(n)]
+    return [None if cancelled[i] else hypothesis(out[i, :length[i]].tolist(), log_prob[i], ended[i], opts)
+            for i in range(n)]
 
 
 @dataclass

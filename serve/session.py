@@ -131,6 +131,8 @@ class Graph:
         for name in host_outputs:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
+        if host_outputs and self.device.type != "cpu":
+            binding.synchronize_outputs()  # the host copies must be complete before numpy reads them
         return dict(zip([*device_outputs, *host_outputs], binding.get_outputs()))
 
 
@@ -179,11 +181,13 @@ class Runtime:
         out = self.encoder.run({B.INPUT_IDS: src_ids, B.ATTENTION_MASK: src_mask}, cross_out)
         cache = {B.past_name(i, "encoder", w): out[B.present_name(i, "encoder", w)]
                  for i in range(n) for w in ("key", "value")}
+        # The first step's past is empty; a zero-size host array binds on every provider (ORT
+        # copies its zero bytes), from then on each step's present stays on the device.
         shape = (src_ids.shape[0], self.n_heads, 0, self.head_dim)
         empty = np.zeros(shape, self.cache_dtype)  # (B, H, 0, Dh)
         for i in range(n):
             for w in ("key", "value"):
-                cache[B.past_name(i, "decoder", w)] = self.to_device(empty)
+                cache[B.past_name(i, "decoder", w)] = empty
         cache[B.ENCODER_ATTENTION_MASK] = self.to_device(src_mask)
         return DecoderCache(self, cache, src_ids.shape[0])
 
@@ -195,7 +199,7 @@ class DecoderCache:
     so positions are one number and the self-attention mask is all True.
     """
 
-    def __init__(self, runtime: Runtime, cache: dict[str, ort.OrtValue], rows: int):
+    def __init__(self, runtime: Runtime, cache: dict[str, Feed], rows: int):
         self.runtime, self.cache, self.rows, self.position = runtime, cache, rows, 0
         n = runtime.n_layers
         self.self_pairs = [(B.present_name(i, "decoder", w), B.past_name(i, "decoder", w))
