@@ -65,20 +65,23 @@ def start_server(bundle: Path, device: str, extra: list[str]) -> tuple[subproces
     raise RuntimeError("nmt serve never became SERVING")
 
 
-def paired_latency(engine_translate, grpc_translate, texts: list[str],
-                   n: int) -> tuple[list[float], list[float]]:
-    """Each sentence through the engine, then through gRPC: alternating keeps a shared machine's
-    load drift out of the comparison."""
+def interleaved_latency(engine_translate, grpc_translate, texts: list[str], n: int,
+                        block: int = 25) -> tuple[list[float], list[float]]:
+    """Blocks of `block` sentences through the engine, then the same through gRPC, alternating: a shared
+    machine's load drift hits both alike, and one side's ONNX Runtime threads, which spin for a while
+    after each run, do not steal the CPU from every call of the other side."""
     for text in texts[:10]:  # warm-up
         engine_translate(text)
         grpc_translate(text)
     engine: list[float] = []
     grpc: list[float] = []
-    for i in range(n):
+    for first in range(0, n, block):
+        chunk = [texts[i % len(texts)] for i in range(first, min(n, first + block))]
         for fn, out in ((engine_translate, engine), (grpc_translate, grpc)):
-            start = time.perf_counter()
-            fn(texts[i % len(texts)])
-            out.append(time.perf_counter() - start)
+            for text in chunk:
+                start = time.perf_counter()
+                fn(text)
+                out.append(time.perf_counter() - start)
     return engine, grpc
 
 
@@ -114,9 +117,9 @@ def measure(bundle: Path, texts: list[str], *, device: str = "cpu", requests: in
     try:
         engine = Translator.from_bundle(bundle, device=device, intra_op_threads=intra_op_threads)
         with TranslatorClient(target) as client:
-            engine_lat, grpc_lat = paired_latency(lambda t: engine.translate([t], options),
-                                                  lambda t: client.translate([t], options, timeout=60),
-                                                  texts, requests)
+            engine_lat, grpc_lat = interleaved_latency(lambda t: engine.translate([t], options),
+                                                       lambda t: client.translate([t], options, timeout=60),
+                                                       texts, requests)
             rates = {c: throughput(client, texts, c, duration, options) for c in concurrency}
     finally:
         proc.send_signal(signal.SIGTERM)
