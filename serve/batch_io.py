@@ -9,6 +9,7 @@ after `committed_bytes`, which a resume truncates away. The finished OUTPUT appe
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -223,6 +224,30 @@ def output_paths(output: str | Path) -> tuple[Path, Path, Path]:
     return out, out.with_name(out.name + ".partial"), out.with_name(out.name + ".state.json")
 
 
+def lock_exclusively(file: IO[bytes], final: Path) -> None:
+    """One job per OUTPUT: a second one would interleave its chunks with the first one's."""
+    import fcntl  # POSIX only, like the rest of the crash-safety (fsync of directories)
+
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StateError(f"{final}: another nmt batch job is writing it") from None
+
+
+def check_resumable(state: JobState, identity: dict[str, Any], options: dict[str, Any], partial: Path,
+                    state_path: Path) -> None:
+    if state.version != STATE_VERSION or state.input != identity:
+        raise StateError(f"{state_path} belongs to a different input file (or the input changed); "
+                         "pass --restart to discard it")
+    if state.options != options:
+        keys = state.options.keys() | options.keys()
+        changed = sorted(k for k in keys if state.options.get(k) != options.get(k))
+        raise StateError(f"{state_path} was written with different options ({', '.join(changed)}); "
+                         "rerun with the same options or pass --restart")
+    if partial.stat().st_size < state.committed_bytes:
+        raise StateError(f"{partial} is shorter than its state records; pass --restart")
+
+
 @dataclass
 class OrderedOutput:
     """Appends chunks to OUTPUT.partial strictly in input order and records each commit in the state.
@@ -246,28 +271,24 @@ class OrderedOutput:
         """Start a job's output, or resume one whose state matches this input and these options."""
         final, partial, state_path = output_paths(output)
         if final.is_dir():
-            raise OSError(f"{final} is a directory")
-        state = None if restart else load_state(state_path)
-        if state is not None and not partial.is_file():
-            state = None  # the previous run finished its rename (or never wrote a line): start afresh
-        if state is not None:
-            if state.version != STATE_VERSION or state.input != identity:
-                raise StateError(f"{state_path} belongs to a different input file (or the input changed); "
-                                 "pass --restart to discard it")
-            if state.options != options:
-                changed = sorted(k for k in set(state.options) | set(options)
-                                 if state.options.get(k) != options.get(k))
-                raise StateError(f"{state_path} was written with different options ({', '.join(changed)}); "
-                                 "rerun with the same options or pass --restart")
-            if partial.stat().st_size < state.committed_bytes:
-                raise StateError(f"{partial} is shorter than its state records; pass --restart")
-        out = cls(final, partial, state_path, state or JobState(identity, options),
-                  gzip_output=final.name.lower().endswith(".gz"))
-        out._file = open(partial, "r+b" if state else "wb")
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(final))
+        existed = partial.exists()  # no partial: any state is from a finished (renamed) run, start afresh
+        file = open(partial, "ab")  # append mode, never truncating here: another job may own the file
         try:
+            lock_exclusively(file, final)
+            state = None if restart or not existed else load_state(state_path)
             if state is not None:
-                out._file.truncate(state.committed_bytes)  # drop bytes appended after the last commit
-                out._file.seek(state.committed_bytes)
+                check_resumable(state, identity, options, partial, state_path)
+        except BaseException:
+            file.close()
+            if not existed:
+                partial.unlink(missing_ok=True)
+            raise
+        out = cls(final, partial, state_path, state or JobState(identity, options),
+                  gzip_output=final.name.lower().endswith(".gz"), _file=file)
+        try:
+            if os.fstat(file.fileno()).st_size > out.state.committed_bytes:
+                file.truncate(out.state.committed_bytes)  # drop bytes appended after the last commit
             write_state(state_path, out.state)
         except OSError:
             if state is None:

@@ -227,6 +227,20 @@ def test_state_of_another_input_is_refused_unless_restart(tmp_path, tiny_bundle,
     assert len(out.read_text().splitlines()) == 4 and leftovers(out) == [out]
 
 
+def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(tmp_path, tiny_bundle, capsys):
+    import fcntl
+
+    inp, out = write_txt(tmp_path / "in.txt", SRC[:4]), tmp_path / "out.txt"
+    _, partial, _ = output_paths(out)
+    with open(partial, "ab") as running:  # holds the lock as a running job does
+        fcntl.flock(running.fileno(), fcntl.LOCK_EX)
+        running.write(b"first job's line\n")
+        running.flush()
+        assert batch.main([str(inp), str(out), "--model-dir", str(tiny_bundle), "--no-progress"]) == 1
+    assert "another nmt batch job is writing it" in capsys.readouterr().err
+    assert partial.read_bytes() == b"first job's line\n" and not out.exists()
+
+
 # ----------------------------------------------------------------------------- real gRPC servers
 
 
@@ -263,7 +277,9 @@ def test_two_servers_share_the_work_and_the_job_survives_one_stopping(tmp_path, 
         while committed_lines(state) < 16 and job.is_alive():
             time.sleep(0.005)
         assert job.is_alive(), "the job finished before a server could be stopped"
-        b.stop()
+        # The endpoint goes away at once (calls in flight are cancelled); its scheduler is closed
+        # only after the job, so no handler thread is left waiting on a closed one.
+        b.grpc_server.stop(0).wait()
         job.join(timeout=120)
     finally:
         a.stop()
