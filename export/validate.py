@@ -12,6 +12,8 @@ The report (a JSON-able dict) goes into the manifest; `passed` says whether the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,18 @@ TOLERANCES = {
     "fp16": Tolerance(max_abs_diff=None, min_argmax_agreement=0.95, min_greedy_identical=0.0),
     "int8": Tolerance(max_abs_diff=None, min_argmax_agreement=0.8, min_greedy_identical=0.0),
 }
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run PyTorch on n threads for a while: the reference runs tiny batches, where a second
+    thread only adds synchronisation (and stalls badly on a busy machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def load_sessions(graph_dir: Path, providers: list[str]) -> dict[str, ort.InferenceSession]:
@@ -224,6 +238,13 @@ def validate_graphs(model: Transformer, tokenizer: Tokenizer, graph_dir: Path, d
                     providers: list[str] | None = None, n_random: int = 2, target_len: int = 12,
                     top_k: int = 4, seed: int = 0) -> dict[str, Any]:
     """Run every check; the returned report has `passed` and, when it failed, `failures`."""
+    with torch_threads(1):
+        return run_checks(model, tokenizer, graph_dir, dtype, providers, n_random, target_len, top_k, seed)
+
+
+def run_checks(model: Transformer, tokenizer: Tokenizer, graph_dir: Path, dtype: str,
+               providers: list[str] | None, n_random: int, target_len: int, top_k: int,
+               seed: int) -> dict[str, Any]:
     providers = providers or ["CPUExecutionProvider"]
     tol = TOLERANCES[dtype]
     sessions = load_sessions(graph_dir, providers)

@@ -4,7 +4,9 @@ refused when damaged, and `nmt export` fails cleanly (one line, nothing left beh
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ from export.validate import (
     next_past,
     ort_greedy,
     pad_batch,
+    torch_threads,
 )
 from serve import bundle as sb
 from train.checkpoint import atomic_torch_save, load_checkpoint, model_from_checkpoint
@@ -50,7 +53,8 @@ def greedy_case(model_and_tok):
     """A mixed-length batch of real sentences and PyTorch's uncached greedy tokens for each."""
     model, tok = model_and_tok
     srcs = real_sources(tok, 8, offset=10)
-    return srcs, [greedy_decode(model, s, GREEDY_OPTIONS).tokens for s in srcs]
+    with torch_threads(1):
+        return srcs, [greedy_decode(model, s, GREEDY_OPTIONS).tokens for s in srcs]
 
 
 def run_encoder(sess, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
@@ -290,6 +294,22 @@ def test_failed_validation_leaves_nothing(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "out" / "bundle"
     rc, err = run_cli([str(path), "--out", str(out)], capsys)
     assert rc == 1 and len(err) == 1 and "validation failed" in err[0] and "non-finite" in err[0]
+    assert leftovers(tmp_path / "out") == []
+
+
+def limit_file_size() -> None:
+    """In the child: files may not grow past 200 kB (the graphs are bigger), as on a full disk."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def test_write_failure_mid_export_leaves_nothing(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out" / "bundle"
+    cmd = [sys.executable, "-m", "nmt", "export", str(tiny_checkpoint), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          preexec_fn=limit_file_size)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(err) == 1 and "cannot write bundle" in err[0], proc.stderr
     assert leftovers(tmp_path / "out") == []
 
 
