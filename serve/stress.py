@@ -352,6 +352,7 @@ class StressConfig:
     max_rss_growth_mb: float = 256.0
     verify_max: int = 2000  # answers re-checked alone after the load (a seeded sample beyond this)
     texts: list[str] = field(default_factory=list)  # valid texts (default: generated sentences)
+    connect_timeout: float = 10.0
 
 
 @dataclass
@@ -556,7 +557,7 @@ class StressRun:
     def run(self) -> StressReport:
         c, report = self.config, self.report
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=10)
+            grpc.channel_ready_future(self.channel).result(timeout=c.connect_timeout)
         except grpc.FutureTimeoutError:
             raise StressError(f"no server answering at {c.address}") from None
         target = self.target()
@@ -638,6 +639,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="fail when the server's RSS grows more than this from warm-up to the end")
     p.add_argument("--verify-max", type=int, default=2000, help="answers re-checked alone after the load")
     p.add_argument("--texts", type=Path, help="valid texts, one per line (default: generated sentences)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the server")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     return p.parse_args(argv)
 
@@ -655,7 +657,7 @@ def main(argv: list[str]) -> int:
         config = StressConfig(address=args.server or "", server_pid=args.server_pid, seed=args.seed,
                               requests=args.requests, seconds=args.seconds, concurrency=args.concurrency,
                               auth_token=args.auth_token, max_rss_growth_mb=args.max_rss_growth_mb,
-                              verify_max=args.verify_max, texts=texts)
+                              verify_max=args.verify_max, texts=texts, connect_timeout=args.connect_timeout)
         report = run_stress(config, args.model_dir)
     except (StressError, OSError) as e:
         print(f"nmt stress: {e}", file=sys.stderr)
