@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import re
 import sys
 import time
@@ -202,7 +203,7 @@ def run_job(segments: Iterable[Segment], backend: Backend, out: OrderedOutput, c
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="nmt batch", description=__doc__.split("\n\n")[0],
+        prog="nmt batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Rerunning the same command after a crash resumes where it stopped; OUTPUT.partial and "
                "OUTPUT.state.json hold the work in progress.")
     p.add_argument("input", help="text file (one segment per line) or JSON Lines; gzip accepted")
@@ -220,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-flight", type=int, default=128, help="segments translated at once (bounded memory)")
     p.add_argument("--on-error", choices=POLICIES, default="fail", help="what an invalid segment becomes")
     p.add_argument("--reference", help="reference translations (one per line): print sacreBLEU and chrF")
-    p.add_argument("--auth-token", help="bearer token for the servers")
+    p.add_argument("--auth-token", default=os.environ.get("NMT_AUTH_TOKEN"),
+                   help="bearer token for the servers (default: $NMT_AUTH_TOKEN)")
     p.add_argument("--tls-ca", help="CA certificate (PEM) to reach the servers over TLS")
     p.add_argument("--timeout", type=float, default=60.0, help="deadline of one request, seconds")
     p.add_argument("--retries", type=int, default=5,
