@@ -26,7 +26,7 @@ import torch
 from export.graphs import DecoderGraph, EncoderGraph, ReorderGraph
 from export.validate import validate_graphs
 from serve import bundle as sb
-from train.checkpoint import load_checkpoint, model_from_checkpoint
+from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from train.model import Transformer
 from train.tokenizer import Tokenizer
 
@@ -178,12 +178,15 @@ def is_json_scalar(v: Any) -> bool:
     return v is None or isinstance(v, (str, int, float, bool))
 
 
-def prepare_target(out_dir: Path, force: bool) -> Path:
-    """Check the target and create the temporary directory beside it (same filesystem: rename is atomic)."""
+def check_target(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir} already exists (use --force to replace it)")
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} exists and is not a directory")
+
+
+def make_temp_dir(out_dir: Path) -> Path:
+    """The temporary bundle directory, beside the target (same filesystem: the final rename is atomic)."""
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -217,9 +220,14 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, dtype: str =
     if opset not in OPSETS:
         raise ExportError(f"opset {opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1}")
     out_dir = Path(out_dir)
+    check_target(out_dir, force)  # before the slow part
     ckpt = load_checkpoint(checkpoint_path)
-    model, tokenizer = model_from_checkpoint(ckpt)
-    tmp = prepare_target(out_dir, force)
+    try:
+        model, tokenizer = model_from_checkpoint(ckpt)
+    except (KeyError, RuntimeError, ValueError) as e:  # config, weights and tokenizer that do not fit
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{checkpoint_path}: cannot rebuild the model ({reason})") from None
+    tmp = make_temp_dir(out_dir)
     try:
         start = time.perf_counter()
         export_graphs(model, tmp, opset, dtype)

@@ -197,7 +197,7 @@ def check_reorder(sess: ort.InferenceSession, rng: np.random.Generator, batch: i
     for i in sess.get_inputs()[1:]:
         shape = [batch] + [d if isinstance(d, int) else 3 for d in i.shape[1:]]
         feed[i.name] = (rng.random(shape) > 0.5 if i.type == "tensor(bool)"
-                        else rng.standard_normal(shape).astype(np.float16 if "16" in i.type else np.float32))
+                        else rng.standard_normal(shape).astype(np_dtype(sess, i.name)))
     outs = sess.run(None, feed)
     return all(np.array_equal(o, np.take(feed[i.name], index, axis=0))
                for o, i in zip(outs, sess.get_inputs()[1:]))

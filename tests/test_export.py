@@ -260,6 +260,16 @@ def test_cli_missing_and_corrupt_checkpoint(tmp_path, capsys):
     assert leftovers(tmp_path) == ["bad.pt"]
 
 
+def test_cli_checkpoint_whose_weights_do_not_fit_its_config(tiny_checkpoint, tmp_path, capsys):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ckpt["model_config"] = {**ckpt["model_config"], "d_model": 96}
+    path = tmp_path / "mismatch.pt"
+    atomic_torch_save(ckpt, path)
+    rc, err = run_cli([str(path), "--out", str(tmp_path / "b")], capsys)
+    assert rc == 1 and len(err) == 1 and "cannot rebuild the model" in err[0]
+    assert leftovers(tmp_path) == ["mismatch.pt"]
+
+
 def test_cli_usage_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         export_main([str(tiny_checkpoint), "--out", str(tmp_path / "b"), "--dtype", "int4"])
