@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "int8"], help="bundle dtype")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="server device")
     p.add_argument("--test-lines", type=int, default=0, help="translate only the first N test sentences")
-    p.add_argument("--eval-limit", type=int, default=200,
+    p.add_argument("--eval-limit", type=int, default=100,
                    help="test sentences decoded by the PyTorch evaluation (0: all; it is slow on CPU)")
     p.add_argument("--skip-evaluate", action="store_true", help="skip the PyTorch evaluation stage")
     p.add_argument("--drain-seconds", type=int, default=10, help="the server's graceful drain on SIGTERM")
