@@ -21,6 +21,14 @@ Reorder graph (`reorder.onnx`): a gather on the batch axis, so beams and finishe
   reordered/dropped where the cache lives (on the GPU) without a host round trip.
   in : index [new_batch] int64, and every cache tensor of the decoder plus encoder_attention_mask
   out: "reordered." + each of those names
+Manifest (`manifest.json`, written by export.pipeline)
+  format_version, name, src_lang, tgt_lang, dtype (fp32|fp16|int8), opset,
+  model {n_encoder_layers, n_decoder_layers, d_model, n_heads, head_dim, vocab_size, max_positions, ...},
+  special_ids {pad, unk, bos, eos}, files {file: {sha256, bytes}},
+  io {graph: {inputs, outputs: [{name, dtype, shape}]}}, io_dtypes {cache, log_probs, ...}
+  (fp16 bundles keep the K/V cache in float16; log_probs/topk_values are float32 in every dtype),
+  validation {passed, max_abs_diff per output, argmax_agreement, greedy, ...}, training {step, ...},
+  created_at, exporter {torch, onnx, onnxruntime}.
 """
 
 from __future__ import annotations
