@@ -254,3 +254,12 @@ def test_no_request_reaches_the_filesystem(server, tiny_bundle):
         (tiny_bundle / "manifest.json").read_bytes()  # the watch does see an open
         watch.recording = False
     assert served == [] and watch.seen == [str(tiny_bundle / "manifest.json")]
+
+
+@pytest.mark.xfail(strict=True, reason="serve/servicer.py GetModelInfo does not check for Malformed requests")
+def test_garbage_bytes_to_model_info_are_invalid_argument(server):
+    _, port = server
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            channel.unary_unary("/nmt.v1.Translator/GetModelInfo")(b"\xff\xff\xff", timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT

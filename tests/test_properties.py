@@ -139,3 +139,15 @@ def test_a_translation_does_not_depend_on_its_batch_mates(translator, alone, pic
     assert len(got) == len(picks)  # one answer per text
     for i, hyps in zip(picks, got):  # in input order, each equal to the sentence alone
         assert [(h.tokens, h.text) for h in hyps] == alone(i, options)
+
+
+@pytest.mark.xfail(strict=True, reason="serve/search.py normalised_score overflows (OverflowError, "
+                                       "INTERNAL) for a large length_penalty that validation lets through")
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_a_huge_length_penalty_is_served_or_refused(stub, beam_size):
+    # Found by `nmt stress --seed 10 --requests 10000 --concurrency 64`.
+    options = pb.DecodingOptions(beam_size=beam_size, length_penalty=1000.0)
+    try:
+        stub(pb.TranslateRequest(texts=["A dog runs in the park."], options=options), timeout=60)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
