@@ -321,8 +321,16 @@ class ServerProcess:
                 self._listening.set()
 
     @property
-    def tracebacks(self) -> int:
-        return sum("Traceback" in line for line in self.lines)
+    def tracebacks(self) -> list[str]:
+        """The exception line ending each traceback the server logged, e.g. "OverflowError: ..."."""
+        found, inside = [], False
+        for line in self.lines:
+            if line.startswith("Traceback"):
+                inside = True
+            elif inside and line and not line[0].isspace():
+                found.append(line)
+                inside = False
+        return found
 
     def stop(self, grace: float = 30.0) -> int:
         """SIGTERM (the server drains), SIGKILL after `grace` + 30 s; the exit code."""
@@ -602,8 +610,10 @@ def run_stress(config: StressConfig, model_dir: Path | None = None) -> StressRep
     if server is not None:
         if exit_code != 0:
             report.failures.append(f"the server exited with code {exit_code} on SIGTERM")
-        if server.tracebacks:
-            report.failures.append(f"the server logged {server.tracebacks} traceback(s)")
+        errors = server.tracebacks
+        if errors:
+            distinct = "; ".join(dict.fromkeys(errors))
+            report.failures.append(f"the server logged {len(errors)} traceback(s): {distinct}")
     return report
 
 
