@@ -13,7 +13,9 @@ thread interleaving. Kinds of request, each with the status codes it may get:
   deadline    deadlines of 1-30 ms                                                 DEADLINE_EXCEEDED, OK
   cancelled   the client cancels mid-call (future.cancel())                        CANCELLED, OK
   disconnect  the client closes its channel mid-call                               CANCELLED, OK
-The run fails when the server dies or stops answering health, a code outside a kind's set appears
+  unauthenticated  (with --auth-token) a request without the token                 UNAUTHENTICATED
+With --model-dir the server is a child `nmt serve --port 0`, stopped with SIGTERM at the end: it must
+drain and exit 0 without having logged a traceback. The run fails when the server dies or stops answering health, a code outside a kind's set appears
 (INTERNAL and UNKNOWN never are in one), an answer is wrong (request_id, count or n-best mismatch, two
 answers to one text differ, or an answer differs from the text sent alone after the load), or the
 server's RSS grows beyond --max-rss-growth-mb between warm-up and the end.
@@ -44,7 +46,7 @@ from serve.servicer import SERVICE
 
 KINDS = ("valid", "fuzz", "invalid", "garbage", "deadline", "cancelled", "disconnect", "unauthenticated")
 WEIGHTS = (40, 12, 15, 12, 8, 7, 6, 4)
-# Decoding option presets of valid requests; answers are cached per (model, preset, text).
+# Decoding option presets of valid requests; answers are kept per (model, options, text).
 PRESETS: dict[str, pb.DecodingOptions] = {
     "greedy": pb.DecodingOptions(),
     "greedy-scores": pb.DecodingOptions(return_scores=True),
@@ -78,8 +80,7 @@ class Plan:
     timeout: float = 60.0
     delay: float = 0.0  # cancelled/disconnect: seconds before the client gives up
     auth: bool = True
-    request: pb.TranslateRequest | None = None  # the parsed request of well-formed payloads
-    preset: str = ""  # answers of this preset are checked
+    request: pb.TranslateRequest | None = None  # well-formed payloads: their answers are checked
 
 
 @dataclass
@@ -134,8 +135,7 @@ def plan_request(seed: int, index: int, target: Target, texts: list[str], with_t
         req = request_of(rng, index, target, texts, preset, rng.randint(1, size))
         if kind == "unauthenticated":
             return Plan(kind, "no token", codes("UNAUTHENTICATED"), req.SerializeToString(), auth=False)
-        return Plan(kind, preset, codes("OK", "RESOURCE_EXHAUSTED"), req.SerializeToString(), request=req,
-                    preset=preset)
+        return Plan(kind, preset, codes("OK", "RESOURCE_EXHAUSTED"), req.SerializeToString(), request=req)
     if kind == "fuzz":
         return fuzz_plan(rng, index, target)
     if kind == "invalid":
@@ -146,9 +146,9 @@ def plan_request(seed: int, index: int, target: Target, texts: list[str], with_t
     req = request_of(rng, index, target, texts, preset, rng.randint(2, 8))
     if kind == "deadline":
         return Plan(kind, "short deadline", codes("DEADLINE_EXCEEDED", "OK"), req.SerializeToString(),
-                    timeout=rng.uniform(0.001, 0.03), request=req, preset=preset)
+                    timeout=rng.uniform(0.001, 0.03), request=req)
     return Plan(kind, "mid-call", codes("CANCELLED", "OK"), req.SerializeToString(),
-                delay=rng.uniform(0.0, 0.05), request=req, preset=preset)
+                delay=rng.uniform(0.0, 0.05), request=req)
 
 
 def fuzz_plan(rng: random.Random, index: int, target: Target) -> Plan:
@@ -545,7 +545,7 @@ class StressRun:
         rng = random.Random(self.config.seed)
         for preset in PRESETS:
             req = request_of(rng, -1, target, self.config.texts, preset, 4)
-            code, _, _ = self.call(Plan("valid", preset, codes("OK"), req.SerializeToString(), auth=True))
+            code, _, _ = self.call(Plan("valid", preset, codes("OK"), req.SerializeToString()))
             if code != "OK":
                 raise StressError(f"{self.config.address}: a warm-up request failed with {code}")
 
