@@ -15,7 +15,9 @@ thread interleaving. Kinds of request, each with the status codes it may get:
   disconnect  the client closes its channel mid-call                               CANCELLED, OK
   unauthenticated  (with --auth-token) a request without the token                 UNAUTHENTICATED
 With --model-dir the server is a child `nmt serve --port 0`, stopped with SIGTERM at the end: it must
-drain and exit 0 without having logged a traceback. The run fails when the server dies or stops answering health, a code outside a kind's set appears
+drain and exit 0 without having logged a traceback.
+
+The run fails when the server dies or stops answering health, a code outside a kind's set appears
 (INTERNAL and UNKNOWN never are in one), an answer is wrong (request_id, count or n-best mismatch, two
 answers to one text differ, or an answer differs from the text sent alone after the load), or the
 server's RSS grows beyond --max-rss-growth-mb between warm-up and the end.
