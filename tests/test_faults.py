@@ -263,3 +263,30 @@ def test_garbage_bytes_to_model_info_are_invalid_argument(server):
         with pytest.raises(grpc.RpcError) as e:
             channel.unary_unary("/nmt.v1.Translator/GetModelInfo")(b"\xff\xff\xff", timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+class RunsCodeWhenUnpickled:
+    """A pickle payload: unpickling it would create `marker` (any code could run the same way)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(tiny_checkpoint, tmp_path, capsys):
+    import torch
+
+    from export.cli import main as export_main
+    from train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    marker = tmp_path / "pwned"
+    ckpt["meta"] = {"note": RunsCodeWhenUnpickled(marker)}
+    evil = tmp_path / "evil.pt"
+    torch.save(ckpt, evil)
+    rc = export_main([str(evil), "--out", str(tmp_path / "bundle")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "not a readable checkpoint" in err[0], err
+    assert not marker.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt"]
