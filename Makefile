@@ -12,6 +12,12 @@ STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 BENCH_ARGS ?= --checkpoint work/demo/run/best.pt --bundle work/demo/bundle
 PYTEST_ARGS ?=
+# A Multi30k copy next to the checkout (../shared/data/multi30k, as the tests use) spares the download;
+# an NMT_DATA_DIR set by the caller wins.
+SHARED_DATA := $(abspath ../shared/data/multi30k)
+ifneq ($(wildcard $(SHARED_DATA)/train.en.gz),)
+export NMT_DATA_DIR ?= $(SHARED_DATA)
+endif
 # Type-checked packages (the ones that exist).
 TYPED := $(wildcard nmt train export serve bench scripts)
 
