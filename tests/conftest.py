@@ -32,35 +32,24 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, data_dir) -> Path:
-    """A `tiny` preset model trained for a few seconds on 3000 en->de pairs: real, small, varied output."""
-    import torch
+    """A `tiny` preset model trained for a few seconds on 3000 en->de pairs: real, small, varied output.
 
-    from train.checkpoint import atomic_torch_save, make_checkpoint
+    Trained by the real trainer (`nmt train` without the CLI); returns the run's best.pt.
+    """
     from train.config import preset
-    from train.model import Transformer
-    from train.tokenizer import Tokenizer
+    from train.trainer import RunSpec, Trainer
 
-    torch.manual_seed(0)
-    src, tgt = read_lines("train", "en", 3000), read_lines("train", "de", 3000)
-    tok = Tokenizer.train(src + tgt, 500)
-    mc, tc = preset("tiny", src_vocab_size=tok.vocab_size, tgt_vocab_size=tok.vocab_size)
-    model = Transformer(mc)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    pairs = [(tok.encode(s)[:30], tok.encode(t)[:30]) for s, t in zip(src, tgt)]
-    for step in range(150):
-        batch = pairs[(step * 32) % len(pairs):][:32]
-        S, T = max(len(s) for s, _ in batch), max(len(t) for _, t in batch) + 1
-        s_ids = torch.tensor([s + [0] * (S - len(s)) for s, _ in batch])
-        t_in = torch.tensor([[2] + t + [0] * (T - 1 - len(t)) for _, t in batch])
-        t_out = torch.tensor([t + [3] + [0] * (T - 1 - len(t)) for _, t in batch])
-        loss = model.loss(s_ids, s_ids != 0, t_in, t_out)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    path = tmp_path_factory.mktemp("run") / "best.pt"
-    atomic_torch_save(make_checkpoint(model.eval(), tok, train_config=tc, step=150,
-                                      meta={"src_lang": "en", "tgt_lang": "de"}), path)
-    return path
+    corpus = tmp_path_factory.mktemp("corpus")
+    files = {"train.en": read_lines("train", "en", 3000), "train.de": read_lines("train", "de", 3000),
+             "val.en": read_lines("val", "en", 100), "val.de": read_lines("val", "de", 100)}
+    for name, lines in files.items():
+        (corpus / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    mc, tc = preset("tiny", max_steps=150, eval_every=10_000, save_every=10_000, eval_bleu_sentences=50)
+    run = tmp_path_factory.mktemp("run")
+    spec = RunSpec(out=run, train_src=corpus / "train.en", train_tgt=corpus / "train.de",
+                   valid_src=corpus / "val.en", valid_tgt=corpus / "val.de", device="cpu", progress=False)
+    Trainer(mc, tc, spec).fit()
+    return run / "best.pt"
 
 
 @pytest.fixture(scope="session")
