@@ -127,11 +127,11 @@ def candidates(values: np.ndarray, ids: np.ndarray, beam: Beam, k: int, eos: int
         keep[keep.all(axis=1), -1] = False
         values = values[keep].reshape(len(ids), -1)  # (N, K-1)
         ids = ids[keep].reshape(len(ids), -1)  # (N, K-1)
-    values, ids = values[:, :n_top], ids[:, :n_top]  # (N, 2k)
-    cum = beam.live_lp[:, None] + values  # (N, 2k) float32, as the reference sums
-    live_idx = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)  # (N, 2k)
-    order = np.lexsort((ids.ravel(), live_idx.ravel(), -cum.ravel()))[:2 * k]
-    return [(cum.ravel()[o], int(live_idx.ravel()[o]), int(ids.ravel()[o])) for o in order]
+    cum = (beam.live_lp[:, None] + values[:, :n_top]).ravel()  # (N*2k,) float32, as the reference sums
+    flat_ids = ids[:, :n_top].ravel()  # (N*2k,)
+    live_idx = np.repeat(np.arange(len(ids)), n_top)  # (N*2k,)
+    order = np.lexsort((flat_ids, live_idx, -cum))[:2 * k]
+    return list(zip(cum[order], live_idx[order].tolist(), flat_ids[order].tolist()))
 
 
 def advance(beam: Beam, values: np.ndarray, ids: np.ndarray, first_row: int, step: int,
