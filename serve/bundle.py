@@ -185,6 +185,10 @@ def read_manifest(bundle_dir: str | Path, verify_checksums: bool = True) -> Mani
                           f"(this server reads {FORMAT_VERSION})")
     problems = []
     for fname, info in raw["files"].items():
+        # A bundle lists plain file names: a path that leaves the directory is not ours to read.
+        if Path(fname).name != fname or fname in ("", ".", ".."):
+            problems.append(f"{fname!r} is not a plain file name")
+            continue
         fpath = d / fname
         if not fpath.is_file():
             problems.append(f"{fname} missing")

@@ -14,6 +14,9 @@ class Cancelled(Exception):
     """Decoding stopped because the request's stop signal was set (cancelled or deadline passed)."""
 
 
+MAX_LENGTH_PENALTY = 10.0
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     beam_size: int = 1  # 1 = greedy
@@ -31,8 +34,9 @@ class DecodeOptions:
             errs.append(f"beam_size must be in [1, 16], got {self.beam_size}")
         if not 1 <= self.n_best <= max(1, self.beam_size):
             errs.append(f"n_best must be in [1, beam_size={self.beam_size}], got {self.n_best}")
-        if self.length_penalty < 0:
-            errs.append(f"length_penalty must be >= 0, got {self.length_penalty}")
+        # ((5+len)/6)^alpha overflows a float for huge alpha; useful values are 0..2.
+        if not 0 <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            errs.append(f"length_penalty must be in [0, {MAX_LENGTH_PENALTY:g}], got {self.length_penalty}")
         if self.max_length_a < 0 or self.max_length_b < 0:
             errs.append("max_length_a and max_length_b must be >= 0")
         if self.min_length < 0:

@@ -141,8 +141,6 @@ def test_a_translation_does_not_depend_on_its_batch_mates(translator, alone, pic
         assert [(h.tokens, h.text) for h in hyps] == alone(i, options)
 
 
-@pytest.mark.xfail(strict=True, reason="serve/search.py normalised_score overflows (OverflowError, "
-                                       "INTERNAL) for a large length_penalty that validation lets through")
 @pytest.mark.parametrize("beam_size", [1, 4])
 def test_a_huge_length_penalty_is_served_or_refused(stub, beam_size):
     # Found by `nmt stress --seed 10 --requests 10000 --concurrency 64`.

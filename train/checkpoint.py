@@ -68,7 +68,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or pickles we refuse to run
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        # torch's unpickling messages span many lines; the first one names the problem.
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an nmt checkpoint (missing format marker)")
     if ckpt.get("format_version") != FORMAT_VERSION:
