@@ -110,6 +110,8 @@ class BatchScheduler:
                             f"({self.max_queue})")
         job = Job(sources, options, stop, time.monotonic())
         with self._cond:
+            if self._closing:  # the thread may already be gone: queued work would never run
+                raise QueueFull(f"model {self.name!r} is shutting down")
             while len(self._rows) + len(sources) > self.max_queue:
                 if self._closing:
                     raise QueueFull(f"model {self.name!r} is shutting down")

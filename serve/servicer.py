@@ -233,6 +233,8 @@ class TranslatorServicer:
 
     def GetModelInfo(self, request: Any, context: grpc.ServicerContext) -> pb.GetModelInfoResponse:
         """See translator.proto."""
+        if isinstance(request, Malformed):
+            context.abort(*status_of(InvalidRequest(request.error)))
         response = pb.GetModelInfoResponse(limits=pb.Limits(
             max_texts=self.limits.max_texts, max_chars=self.limits.max_chars,
             max_message_bytes=self.limits.max_message_bytes))

@@ -256,7 +256,6 @@ def test_no_request_reaches_the_filesystem(server, tiny_bundle):
     assert served == [] and watch.seen == [str(tiny_bundle / "manifest.json")]
 
 
-@pytest.mark.xfail(strict=True, reason="serve/servicer.py GetModelInfo does not check for Malformed requests")
 def test_garbage_bytes_to_model_info_are_invalid_argument(server):
     _, port = server
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
