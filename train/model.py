@@ -21,12 +21,20 @@ from train.config import ModelConfig
 KV = tuple[Tensor, Tensor]  # (key, value), each (B, H, T, Dh)
 
 
-def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """softmax(Q K^T / sqrt(d_k)) V.  q (B,H,Tq,Dh), k/v (B,H,Tk,Dh), mask broadcastable to (B,H,Tq,Tk)."""
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
+                                 probs_out: list[Tensor] | None = None) -> Tensor:
+    """softmax(Q K^T / sqrt(d_k)) V.  q (B,H,Tq,Dh), k/v (B,H,Tk,Dh), mask broadcastable to (B,H,Tq,Tk).
+
+    probs_out, when given, receives the attention probabilities (B,H,Tq,Tk): the maps and
+    alignments look inside without a second code path (the normal path passes None).
+    """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
     # A finite minimum (not -inf) keeps a fully masked row (a padded query) free of NaN.
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1) @ v  # (B, H, Tq, Dh)
+    probs = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk)
+    if probs_out is not None:
+        probs_out.append(probs)
+    return probs @ v  # (B, H, Tq, Dh)
 
 
 def sinusoid_table(n_positions: int, d_model: int) -> Tensor:
@@ -68,10 +76,10 @@ class MultiHeadAttention(nn.Module):
     def project_kv(self, x: Tensor) -> KV:
         return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
 
-    def attend(self, x: Tensor, kv: KV, mask: Tensor) -> Tensor:
+    def attend(self, x: Tensor, kv: KV, mask: Tensor, probs_out: list[Tensor] | None = None) -> Tensor:
         """Queries from x (B,T,D) attend over kv; mask broadcastable to (B,H,T,Tk)."""
         q = self.split_heads(self.q_proj(x))  # (B, H, T, Dh)
-        out = scaled_dot_product_attention(q, kv[0], kv[1], mask)  # (B, H, T, Dh)
+        out = scaled_dot_product_attention(q, kv[0], kv[1], mask, probs_out)  # (B, H, T, Dh)
         B, _, T, _ = out.shape
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, D)
         return self.dropout(self.out_proj(out))
@@ -110,8 +118,9 @@ class EncoderLayer(nn.Module):
         self.ff = FeedForward(cfg)
         self.res_attn, self.res_ff = Residual(cfg), Residual(cfg)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = self.res_attn(x, lambda h: self.self_attn.attend(h, self.self_attn.project_kv(h), mask))
+    def forward(self, x: Tensor, mask: Tensor, probs_out: list[Tensor] | None = None) -> Tensor:
+        attn = self.self_attn
+        x = self.res_attn(x, lambda h: attn.attend(h, attn.project_kv(h), mask, probs_out))
         return self.res_ff(x, self.ff)
 
 
@@ -124,7 +133,7 @@ class DecoderLayer(nn.Module):
         self.res_self, self.res_cross, self.res_ff = Residual(cfg), Residual(cfg), Residual(cfg)
 
     def forward(self, x: Tensor, self_mask: Tensor, src_mask: Tensor, cross: KV,
-                past: KV) -> tuple[Tensor, KV]:
+                past: KV, cross_probs_out: list[Tensor] | None = None) -> tuple[Tensor, KV]:
         present: list[KV] = []
 
         def self_block(h: Tensor) -> Tensor:
@@ -134,7 +143,7 @@ class DecoderLayer(nn.Module):
             return self.self_attn.attend(h, kv, self_mask)
 
         x = self.res_self(x, self_block)
-        x = self.res_cross(x, lambda h: self.cross_attn.attend(h, cross, src_mask))
+        x = self.res_cross(x, lambda h: self.cross_attn.attend(h, cross, src_mask, cross_probs_out))
         return self.res_ff(x, self.ff), present[0]
 
 
@@ -175,14 +184,17 @@ class Transformer(nn.Module):
         x = table(ids) * math.sqrt(self.cfg.d_model) + self.pos(positions)  # (B, T, D)
         return self.dropout(x)
 
-    def encode(self, src_ids: Tensor, src_mask: Tensor) -> Tensor:
-        """src_ids (B,S) int64, src_mask (B,S) bool -> encoder states (B,S,D)."""
+    def encode(self, src_ids: Tensor, src_mask: Tensor, attn_out: list[Tensor] | None = None) -> Tensor:
+        """src_ids (B,S) int64, src_mask (B,S) bool -> encoder states (B,S,D).
+
+        attn_out, when given, receives each layer's self-attention probabilities (B,H,S,S).
+        """
         B, S = src_ids.shape
         positions = torch.arange(S, device=src_ids.device).unsqueeze(0).expand(B, S)  # (B, S)
         x = self.embed(self.src_embed, src_ids, positions)
         key_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
         for layer in self.encoder_layers:
-            x = layer(x, key_mask)
+            x = layer(x, key_mask, attn_out)
         return self.encoder_norm(x)
 
     def cross_kv(self, memory: Tensor) -> list[KV]:
@@ -201,19 +213,21 @@ class Transformer(nn.Module):
         src_mask: Tensor,
         cross: list[KV],
         past: list[KV],
+        cross_attn_out: list[Tensor] | None = None,
     ) -> tuple[Tensor, list[KV]]:
         """One decoder pass over new target tokens.
 
         tgt_ids, positions (B,T) int64; self_attn_mask (B,T,P+T) bool over past+new keys;
         src_mask (B,S) bool; cross / past: per layer K/V.  Returns logits (B,T,V) and each
-        layer's present K/V (B,H,P+T,Dh).
+        layer's present K/V (B,H,P+T,Dh). cross_attn_out, when given, receives each layer's
+        encoder-decoder attention probabilities (B,H,T,S).
         """
         x = self.embed(self.tgt_embed, tgt_ids, positions)
         self_mask = self_attn_mask[:, None, :, :]  # (B, 1, T, P+T)
         key_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
         present: list[KV] = []
         for layer, c, p in zip(self.decoder_layers, cross, past):
-            x, kv = layer(x, self_mask, key_mask, c, p)
+            x, kv = layer(x, self_mask, key_mask, c, p, cross_attn_out)
             present.append(kv)
         return self.generator(self.decoder_norm(x)), present
 
