@@ -34,7 +34,8 @@ class DecoderGraph(nn.Module):
 
     Inputs follow serve.bundle.decoder_input_names: ids, positions, masks, then per layer the
     self-attention past K/V and the cross-attention K/V, then top_k. Outputs: log_probs of
-    every new position, the top_k of the last position, and per layer the present K/V.
+    every new position, the top_k of the last position, per layer the present K/V, and the
+    head-averaged cross-attention of every layer (for alignments; unfetched on a normal step).
     """
 
     def __init__(self, model: Transformer):
@@ -48,12 +49,14 @@ class DecoderGraph(nn.Module):
         # Per layer the cache comes as (self key, self value, cross key, cross value).
         past = [(cache[4 * i], cache[4 * i + 1]) for i in range(self.n_layers)]
         cross = [(cache[4 * i + 2], cache[4 * i + 3]) for i in range(self.n_layers)]
+        cross_probs: list[Tensor] = []  # per layer (B, H, T, S)
         logits, present = self.model.decode(input_ids, position_ids, self_attention_mask,
-                                            encoder_attention_mask, cross, past)  # (B, T, V)
+                                            encoder_attention_mask, cross, past, cross_probs)  # (B, T, V)
+        cross_attention = torch.stack([p.mean(dim=1) for p in cross_probs], dim=1)  # (B, L, T, S)
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
         # Only the last position's k best leave the device on a decoding step.
         values, indices = torch.topk(log_probs[:, -1, :], top_k_value(top_k), dim=-1)  # (B, k)
-        return (log_probs, values, indices, *flatten_kv(present))
+        return (log_probs, values, indices, *flatten_kv(present), cross_attention)
 
 
 def top_k_value(top_k: Tensor) -> Tensor | int:

@@ -115,7 +115,7 @@ def convert_fp16(out_dir: Path) -> None:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    keep = {sb.ENCODER_FILE: [], sb.DECODER_FILE: [sb.LOG_PROBS, sb.TOPK_VALUES]}
+    keep = {sb.ENCODER_FILE: [], sb.DECODER_FILE: [sb.LOG_PROBS, sb.TOPK_VALUES, sb.CROSS_ATTENTION]}
     for fname, keep_io in keep.items():
         path = out_dir / fname
         m = OnnxModel(convert_float_to_float16(

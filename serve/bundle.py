@@ -16,7 +16,9 @@ Decoder graph (`decoder.onnx`), one graph for every step (first step with past_l
        top_k [1] int64
   out: log_probs [batch, new_len, vocab],
        topk_values / topk_indices [batch, top_k]  (of the last position: all a step needs on the host),
-       present.{i}.decoder.key / .value [batch, heads, past_len + new_len, head_dim]
+       present.{i}.decoder.key / .value [batch, heads, past_len + new_len, head_dim],
+       cross_attention [batch, n_layers, new_len, src_len]  (encoder-decoder attention averaged over
+       heads, per layer; the engine binds it only for alignments, a normal step leaves it unfetched)
 Reorder graph (`reorder.onnx`): a gather on the batch axis, so beams and finished rows are
   reordered/dropped where the cache lives (on the GPU) without a host round trip.
   in : index [new_batch] int64, and every cache tensor of the decoder plus encoder_attention_mask
@@ -57,6 +59,7 @@ TOP_K = "top_k"
 LOG_PROBS = "log_probs"
 TOPK_VALUES = "topk_values"
 TOPK_INDICES = "topk_indices"
+CROSS_ATTENTION = "cross_attention"
 REORDER_INDEX = "index"
 REORDERED_PREFIX = "reordered."
 
@@ -88,7 +91,7 @@ def decoder_input_names(n_layers: int) -> list[str]:
 
 def decoder_output_names(n_layers: int) -> list[str]:
     return [LOG_PROBS, TOPK_VALUES, TOPK_INDICES] + [
-        present_name(i, "decoder", w) for i in range(n_layers) for w in ("key", "value")]
+        present_name(i, "decoder", w) for i in range(n_layers) for w in ("key", "value")] + [CROSS_ATTENTION]
 
 
 def reorder_input_names(n_layers: int) -> list[str]:
@@ -111,6 +114,7 @@ def dynamic_axes(n_layers: int) -> dict[str, dict[str, dict[int, str]]]:
         ENCODER_ATTENTION_MASK: {0: "batch", 1: "src_len"},
         LOG_PROBS: {0: "batch", 1: "new_len"},
         TOPK_VALUES: {0: "batch", 1: "k"}, TOPK_INDICES: {0: "batch", 1: "k"},
+        CROSS_ATTENTION: {0: "batch", 2: "new_len", 3: "src_len"},
     }
     for i in range(n_layers):
         for w in ("key", "value"):

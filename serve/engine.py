@@ -32,9 +32,16 @@ class Translator:
     thread runs `translate_ids`; sessions are shared, all decoding state is per call."""
 
     def __init__(self, runtime: Runtime, manifest: Manifest, tokenizer: Tokenizer,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, compaction: bool = True):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, compaction: bool = True,
+                 alignment_layer: int = -1):
         if max_batch_tokens <= 0:
             raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
+        n = manifest.n_decoder_layers
+        if not -n <= alignment_layer < n:
+            raise ValueError(f"alignment_layer must be in [{-n}, {n}) for {n} decoder layers, "
+                             f"got {alignment_layer}")
+        # The decoder layer whose head-averaged cross-attention gives alignments (-1: the last).
+        self.alignment_layer = alignment_layer
         self.runtime, self.manifest, self.tokenizer = runtime, manifest, tokenizer
         self.max_batch_tokens = max_batch_tokens
         self.compaction = compaction  # off only to check that dropping rows changes no result
@@ -42,13 +49,14 @@ class Translator:
     @classmethod
     def from_bundle(cls, path: str | Path, device: str = "auto", intra_op_threads: int | None = None,
                     inter_op_threads: int | None = None, graph_optimization: str = "all", warmup: bool = True,
-                    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, compaction: bool = True) -> Translator:
+                    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, compaction: bool = True,
+                    alignment_layer: int = -1) -> Translator:
         """Verify the bundle (format version, files, checksums: BundleError otherwise) and load it."""
         path = Path(path)
         manifest = read_manifest(path)
         runtime = Runtime(path, manifest, device, intra_op_threads, inter_op_threads, graph_optimization)
         tokenizer = Tokenizer.load(path / TOKENIZER_FILE)
-        translator = cls(runtime, manifest, tokenizer, max_batch_tokens, compaction)
+        translator = cls(runtime, manifest, tokenizer, max_batch_tokens, compaction, alignment_layer)
         if warmup:
             translator.warmup()
         return translator
@@ -136,6 +144,9 @@ class Translator:
         """Token-level entry: n_best hypotheses per source (with text), or None for a source whose
         stop signal was set (it leaves the running batch at the next step, the others go on)."""
         options.validate()
+        if options.return_alignments and not self.runtime.has_alignments:
+            raise InvalidRequest(f"model {self.name!r} was exported without the cross_attention output: "
+                                 f"re-export it to get alignments")
         self.check_sources(sources)
         stops = list(stops) if stops is not None else [None] * len(sources)
         if len(stops) != len(sources):
@@ -165,7 +176,7 @@ class Translator:
         for r, i in enumerate(live):
             src[r, :len(sources[i])] = sources[i]
         src_mask = np.arange(S)[None, :] < lengths[:, None]  # (B, S)
-        cache = self.runtime.start(src, src_mask)
+        cache = self.runtime.start(src, src_mask, self.alignment_layer if options.return_alignments else None)
         budgets = [max_new_tokens(int(n), options, m.max_positions) for n in lengths]
         row_stopped = lambda r: stopped(live[r])  # noqa: E731 - search rows -> batch indices
         if options.beam_size == 1:

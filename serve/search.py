@@ -21,6 +21,7 @@ from serve.types import DecodeOptions, Hypothesis
 
 class StepCache(Protocol):
     rows: int
+    alignment: np.ndarray | None  # (R,) after a step: most attended source index per row, when asked
 
     def step(self, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -39,9 +40,10 @@ def normalised_score(log_prob: float, length: int, length_penalty: float) -> flo
     return log_prob / ((5 + length) / 6) ** length_penalty
 
 
-def hypothesis(tokens: list[int], log_prob: np.float32, ended: bool, opts: DecodeOptions) -> Hypothesis:
+def hypothesis(tokens: list[int], log_prob: np.float32, ended: bool, opts: DecodeOptions,
+               alignment: list[int] | None = None) -> Hypothesis:
     lp = float(log_prob)
-    return Hypothesis(text="", tokens=tokens, log_prob=lp,
+    return Hypothesis(text="", tokens=tokens, log_prob=lp, alignment=alignment,
                       score=normalised_score(lp, len(tokens) + int(ended), opts.length_penalty))
 
 
@@ -62,6 +64,7 @@ def greedy_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos
     n = len(budgets)
     budget = np.asarray(budgets, dtype=np.int64)  # (N,)
     out = np.zeros((n, max(budgets, default=0)), dtype=np.int64)  # (N, T) generated ids, EOS excluded
+    align = np.zeros_like(out)  # (N, T) most attended source index of each generated id
     length = np.zeros(n, dtype=np.int64)  # (N,)
     log_prob = np.zeros(n, dtype=np.float32)  # (N,) float32 sums, as the reference accumulates
     ended, cancelled = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)  # (N,)
@@ -92,11 +95,15 @@ def greedy_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos
         ended[items[is_eos]] = True
         grow = items[~is_eos]
         out[grow, length[grow]] = token[~is_eos]
+        if opts.return_alignments:
+            align[grow, length[grow]] = cache.alignment[live][~is_eos]
         length[grow] += 1
         done[items] = is_eos | (length[items] >= budget[items])
         feed = picked
         step += 1
-    return [None if cancelled[i] else hypothesis(out[i, :length[i]].tolist(), log_prob[i], ended[i], opts)
+    return [None if cancelled[i] else hypothesis(
+                out[i, :length[i]].tolist(), log_prob[i], ended[i], opts,
+                align[i, :length[i]].tolist() if opts.return_alignments else None)
             for i in range(n)]
 
 
@@ -106,6 +113,7 @@ class Beam:
 
     budget: int
     live: list[list[int]] = field(default_factory=lambda: [[]])  # step 0: a single BOS hypothesis
+    live_align: list[list[int]] = field(default_factory=lambda: [[]])  # alignments of the live prefixes
     live_lp: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.float32))  # (N,)
     parents: list[int] = field(default_factory=list)  # cache rows the live beams continue from
     finished: list[Hypothesis] = field(default_factory=list)
@@ -135,33 +143,42 @@ def candidates(values: np.ndarray, ids: np.ndarray, beam: Beam, k: int, eos: int
 
 
 def advance(beam: Beam, values: np.ndarray, ids: np.ndarray, first_row: int, step: int,
-            opts: DecodeOptions, eos: int) -> None:
-    """One beam step of one source from its rows' top-k (first_row = its first cache row)."""
+            opts: DecodeOptions, eos: int, aligns: np.ndarray | None = None) -> None:
+    """One beam step of one source from its rows' top-k (first_row = its first cache row);
+    aligns (N,), when alignments are on, is each row's most attended source index."""
     k = opts.beam_size
     next_live: list[list[int]] = []
+    next_align: list[list[int]] = []
     next_lp: list[np.float32] = []
     parents: list[int] = []
     for rank, (score, i, token) in enumerate(candidates(values, ids, beam, k, eos, step < opts.min_length)):
         if token == eos:
             if rank < k:
-                beam.finished.append(hypothesis(beam.live[i], score, True, opts))
+                beam.finished.append(hypothesis(beam.live[i], score, True, opts, alignment_of(beam, i, opts)))
         elif len(next_live) < k:
             next_live.append(beam.live[i] + [token])
+            if aligns is not None:
+                next_align.append(beam.live_align[i] + [int(aligns[i])])
             next_lp.append(score)
             parents.append(first_row + i)
     if len(beam.finished) >= k:
         beam.done = True  # k finished: the live beams are discarded
         return
     beam.live, beam.live_lp, beam.parents = next_live, np.array(next_lp, dtype=np.float32), parents
+    beam.live_align = next_align
     if step + 1 >= beam.budget:
         finish_live(beam, opts)
 
 
 def finish_live(beam: Beam, opts: DecodeOptions) -> None:
     """Length budget spent: the live beams are finished as they are, without EOS."""
-    for tokens, lp in zip(beam.live, beam.live_lp):
-        beam.finished.append(hypothesis(tokens, lp, False, opts))
+    for i, (tokens, lp) in enumerate(zip(beam.live, beam.live_lp)):
+        beam.finished.append(hypothesis(tokens, lp, False, opts, alignment_of(beam, i, opts)))
     beam.done = True
+
+
+def alignment_of(beam: Beam, i: int, opts: DecodeOptions) -> list[int] | None:
+    return list(beam.live_align[i]) if opts.return_alignments else None
 
 
 def beam_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos: int, eos: int, vocab: int,
@@ -203,7 +220,9 @@ def beam_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos: 
         values, ids = cache.step(np.asarray(feed, dtype=np.int64), n_request)  # (R, K)
         for i in active:
             start, count = spans[i]
-            advance(beams[i], values[start:start + count], ids[start:start + count], start, step, opts, eos)
+            aligns = cache.alignment[start:start + count] if opts.return_alignments else None  # (count,)
+            advance(beams[i], values[start:start + count], ids[start:start + count], start, step, opts, eos,
+                    aligns)
         step += 1
     results: list[list[Hypothesis] | None] = []
     for beam in beams:

@@ -159,6 +159,8 @@ class Runtime:
         self.reorder = Graph(bundle_dir / B.REORDER_FILE, options, self.device, B.reorder_input_names(n))
         past_type = self.decoder.input_types[B.past_name(0, "decoder", "key")]
         self.cache_dtype = NUMPY_DTYPE.get(past_type, np.float32)
+        # Bundles exported before alignments existed lack the output; they serve everything else.
+        self.has_alignments = B.CROSS_ATTENTION in {o.name for o in self.decoder.session.get_outputs()}
         self.n_heads, self.head_dim = manifest.n_heads, manifest.head_dim
         self.steps = 0
         self._steps_lock = threading.Lock()
@@ -174,8 +176,12 @@ class Runtime:
     def to_device(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device.type, self.device.id)
 
-    def start(self, src_ids: np.ndarray, src_mask: np.ndarray) -> DecoderCache:
-        """Encode a padded batch (B, S) and return its decoder state: cross K/V on device, empty past."""
+    def start(self, src_ids: np.ndarray, src_mask: np.ndarray, alignment_layer: int | None = None
+              ) -> DecoderCache:
+        """Encode a padded batch (B, S) and return its decoder state: cross K/V on device, empty past.
+
+        With alignment_layer (a decoder layer index, negative from the end) every step also
+        fetches that layer's head-averaged cross-attention and keeps its argmax per row."""
         n = self.n_layers
         cross_out = [B.present_name(i, "encoder", w) for i in range(n) for w in ("key", "value")]
         out = self.encoder.run({B.INPUT_IDS: src_ids, B.ATTENTION_MASK: src_mask}, cross_out)
@@ -189,7 +195,7 @@ class Runtime:
             for w in ("key", "value"):
                 cache[B.past_name(i, "decoder", w)] = empty
         cache[B.ENCODER_ATTENTION_MASK] = self.to_device(src_mask)
-        return DecoderCache(self, cache, src_ids.shape[0])
+        return DecoderCache(self, cache, src_ids.shape[0], alignment_layer)
 
 
 class DecoderCache:
@@ -199,8 +205,11 @@ class DecoderCache:
     so positions are one number and the self-attention mask is all True.
     """
 
-    def __init__(self, runtime: Runtime, cache: dict[str, Feed], rows: int):
+    def __init__(self, runtime: Runtime, cache: dict[str, Feed], rows: int,
+                 alignment_layer: int | None = None):
         self.runtime, self.cache, self.rows, self.position = runtime, cache, rows, 0
+        self.alignment_layer = alignment_layer
+        self.alignment: np.ndarray | None = None  # (R,) last step's most attended source index per row
         n = runtime.n_layers
         self.self_pairs = [(B.present_name(i, "decoder", w), B.past_name(i, "decoder", w))
                            for i in range(n) for w in ("key", "value")]
@@ -214,8 +223,14 @@ class DecoderCache:
         feeds[B.SELF_ATTENTION_MASK] = np.ones((R, 1, t + 1), dtype=bool)  # (R, 1, t+1)
         feeds[B.TOP_K] = np.array([k], dtype=np.int64)
         presents = [present for present, _ in self.self_pairs]
-        out = rt.decoder.run(feeds, presents, [B.TOPK_VALUES, B.TOPK_INDICES])
+        host = [B.TOPK_VALUES, B.TOPK_INDICES]
+        if self.alignment_layer is not None:
+            host.append(B.CROSS_ATTENTION)  # only then: a normal step never copies it to the host
+        out = rt.decoder.run(feeds, presents, host)
         rt.count_step()
+        if self.alignment_layer is not None:
+            attn = out[B.CROSS_ATTENTION].numpy()[:, self.alignment_layer, -1, :]  # (R, S)
+            self.alignment = attn.argmax(axis=-1)  # (R,) padded sources get ~0 weight
         for present, past in self.self_pairs:
             self.cache[past] = out[present]  # the cache never leaves the device
         self.position = t + 1
