@@ -18,9 +18,17 @@ import numpy as np
 
 from serve.batching import pack_by_tokens
 from serve.bundle import TOKENIZER_FILE, Manifest, read_manifest
-from serve.search import beam_search, greedy_search, max_new_tokens
+from serve.search import beam_search, greedy_search
 from serve.session import Runtime
-from serve.types import Cancelled, DecodeOptions, Hypothesis, InvalidRequest, StopSignal, TranslationResult
+from serve.types import (
+    Cancelled,
+    DecodeOptions,
+    Hypothesis,
+    InvalidRequest,
+    StopSignal,
+    TranslationResult,
+    max_new_tokens,
+)
 from train.tokenizer import Tokenizer
 
 DEFAULT_MAX_BATCH_TOKENS = 8192

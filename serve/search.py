@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from serve.types import DecodeOptions, Hypothesis
+from serve.types import DecodeOptions, Hypothesis, normalised_score
 
 
 class StepCache(Protocol):
@@ -26,18 +26,6 @@ class StepCache(Protocol):
     def step(self, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
     def keep(self, rows: np.ndarray) -> None: ...
-
-
-def max_new_tokens(src_len: int, opts: DecodeOptions, max_positions: int) -> int:
-    """Generation budget (EOS included) for a source of src_len ids (its EOS counted)."""
-    return min(int(opts.max_length_a * src_len + opts.max_length_b), max_positions - 1)
-
-
-def normalised_score(log_prob: float, length: int, length_penalty: float) -> float:
-    """GNMT length normalisation; length counts the EOS when the hypothesis has one."""
-    if length_penalty == 0:
-        return log_prob
-    return log_prob / ((5 + length) / 6) ** length_penalty
 
 
 def hypothesis(tokens: list[int], log_prob: np.float32, ended: bool, opts: DecodeOptions,

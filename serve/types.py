@@ -50,6 +50,19 @@ class DecodeOptions:
         return self
 
 
+# The decoding rules every decoder shares (the PyTorch reference and the engine must agree).
+def max_new_tokens(src_len: int, opts: DecodeOptions, max_positions: int) -> int:
+    """Generation budget (EOS included) for a source of src_len ids (its EOS counted)."""
+    return min(int(opts.max_length_a * src_len + opts.max_length_b), max_positions - 1)
+
+
+def normalised_score(log_prob: float, length: int, length_penalty: float) -> float:
+    """GNMT length normalisation; length counts the EOS when the hypothesis has one."""
+    if length_penalty == 0:
+        return log_prob
+    return log_prob / ((5 + length) / 6) ** length_penalty
+
+
 @dataclass
 class Hypothesis:
     text: str
