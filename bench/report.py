@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from nmt.files import atomic_write_text
 
 # Column header -> row key. Ratios are speed-ups: > 1 means faster than the baseline.
 COLUMNS = [
@@ -180,20 +181,6 @@ def markdown(report: dict[str, Any]) -> str:
     failures = report.get("failures") or []
     out += ["", "Failures:" if failures else "Failures: none"] + [f"- FAIL: {f}" for f in failures]
     return "\n".join(out) + "\n"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:

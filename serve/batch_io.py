@@ -15,12 +15,13 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
+
+from nmt.files import atomic_write_bytes, fsync_dir
 
 STATE_VERSION = 1
 GZIP_MAGIC = b"\x1f\x8b"
@@ -173,32 +174,6 @@ class JobState:
     committed_lines: int = 0
     committed_bytes: int = 0
     version: int = STATE_VERSION
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def load_state(path: Path) -> JobState | None:

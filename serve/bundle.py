@@ -35,11 +35,12 @@ Manifest (`manifest.json`, written by export.pipeline)
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from nmt.files import sha256_file
 
 FORMAT_VERSION = 1
 
@@ -132,14 +133,6 @@ def dynamic_axes(n_layers: int) -> dict[str, dict[str, dict[int, str]]]:
 
 class BundleError(Exception):
     """A bundle that cannot be served: the message names the file and the problem."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

@@ -10,13 +10,12 @@ Layout (a plain dict, loadable with torch.load(weights_only=True)):
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nmt.files import atomic_open
 from train.config import ModelConfig, model_config_from_dict
 from train.model import Transformer
 from train.tokenizer import Tokenizer
@@ -31,18 +30,8 @@ class CheckpointError(Exception):
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """Write to a temp file in the same directory, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def make_checkpoint(model: Transformer, tokenizer: Tokenizer, *, train_config: Any = None, step: int = 0,

@@ -7,7 +7,6 @@ UTF-8 raises CorpusError with one line naming the file and the line, which the C
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import random
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from nmt.files import sha256_file
 from train.config import BOS_ID, EOS_ID, PAD_ID
 from train.tokenizer import Tokenizer
 
@@ -89,14 +89,6 @@ def read_tsv(path: str | Path) -> tuple[list[str], list[str]]:
 
 
 # --------------------------------------------------------------------------- Multi30k
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_sha256(path: Path, expected: str, name: str | None = None) -> None:

@@ -64,6 +64,6 @@ def main(argv: list[str]) -> int:
         print(f"{name:>8}: {score}  ({seconds:.1f}s, {len(src) / seconds:.1f} sent/s)")
     print(f"signature: {bleu.get_signature()}")
     if args.output:
-        from train.trainer import write_bytes_atomic
-        write_bytes_atomic(args.output, "".join(h + "\n" for h in hyps).encode())
+        from nmt.files import atomic_write_bytes
+        atomic_write_bytes(args.output, "".join(h + "\n" for h in hyps).encode())
     return 0

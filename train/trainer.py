@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from nmt.files import atomic_write_bytes
 from serve.types import DecodeOptions
 from train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from train.config import ModelConfig, TrainConfig
@@ -96,24 +96,17 @@ def load_corpora(spec: RunSpec, tc: TrainConfig) -> tuple[Pairs, Pairs]:
     return train, valid
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 class MetricsLog:
     """RUN_DIR/metrics.jsonl, one JSON object per line; a resumed run drops lines past its step."""
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
         if resume_step is None:
-            write_bytes_atomic(path, b"")
+            atomic_write_bytes(path, b"")
         elif path.is_file():
             lines = path.read_text().splitlines()
             keep = [ln for ln in lines if ln and json.loads(ln)["step"] <= resume_step]
-            write_bytes_atomic(path, "".join(ln + "\n" for ln in keep).encode())
+            atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
 
     def write(self, **row: Any) -> None:
         with open(self.path, "a") as f:
@@ -184,7 +177,7 @@ class Trainer:
         path = self.spec.out / "tokenizer.model"
         if self.is_main:
             tok = Tokenizer.train(sentences, self.tc.vocab_size)
-            write_bytes_atomic(path, tok.model_proto)
+            atomic_write_bytes(path, tok.model_proto)
         if self.distributed:
             dist.barrier()
         return tok if self.is_main else Tokenizer.load(path)
