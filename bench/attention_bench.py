@@ -15,45 +15,18 @@ one batched pass (tokens/s, best of --repeats).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import onnx
-
 from bench.run import read_text
+from export.pipeline import strip_alignment_output
 from serve import bundle as sb
 from serve.engine import Translator
 from serve.types import DecodeOptions
-
-
-def strip_alignment_output(bundle: Path, out: Path) -> Path:
-    """Copy `bundle` to `out` with cross_attention (and its dead nodes) removed from the decoder."""
-    shutil.copytree(bundle, out)
-    path = out / sb.DECODER_FILE
-    model = onnx.load(str(path))
-    g = model.graph
-    kept_outputs = [o for o in g.output if o.name != sb.CROSS_ATTENTION]
-    del g.output[:]
-    g.output.extend(kept_outputs)
-    needed = {o.name for o in g.output}
-    live = []
-    for node in reversed(g.node):  # nodes are topologically sorted: walk back from the outputs
-        if any(name in needed for name in node.output):
-            live.append(node)
-            needed.update(node.input)
-    del g.node[:]
-    g.node.extend(reversed(live))
-    onnx.save(model, str(path))
-    manifest = json.loads((out / sb.MANIFEST_FILE).read_text())
-    manifest["files"][sb.DECODER_FILE] = {"sha256": sb.sha256_file(path), "bytes": path.stat().st_size}
-    (out / sb.MANIFEST_FILE).write_text(json.dumps(manifest))
-    return out
 
 
 def best_time(engine: Translator, texts: list[str], opts: DecodeOptions, repeats: int) -> float:

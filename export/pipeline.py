@@ -174,6 +174,33 @@ def build_manifest(ckpt: dict[str, Any], model: Transformer, out_dir: Path, *, n
     }
 
 
+def strip_alignment_output(bundle: Path, out: Path) -> Path:
+    """Copy `bundle` to `out` with cross_attention (and the nodes only it needs) removed from the
+    decoder: the graph as exported before alignments, which the engine still serves. For
+    measuring what the output costs a step that does not fetch it (bench.attention_bench)."""
+    shutil.copytree(bundle, out)
+    path = out / sb.DECODER_FILE
+    model = onnx.load(str(path))
+    g = model.graph
+    kept_outputs = [o for o in g.output if o.name != sb.CROSS_ATTENTION]
+    del g.output[:]
+    g.output.extend(kept_outputs)
+    needed = {o.name for o in g.output}
+    live = []
+    for node in reversed(g.node):  # nodes are topologically sorted: walk back from the outputs
+        if any(name in needed for name in node.output):
+            live.append(node)
+            needed.update(node.input)
+    del g.node[:]
+    g.node.extend(reversed(live))
+    onnx.save(model, str(path))
+    manifest = json.loads((out / sb.MANIFEST_FILE).read_text(encoding="utf-8"))
+    manifest["files"][sb.DECODER_FILE] = {"sha256": sb.sha256_file(path), "bytes": path.stat().st_size}
+    manifest["io"]["decoder"] = graph_io(path)
+    write_json(out / sb.MANIFEST_FILE, manifest)
+    return out
+
+
 def is_json_scalar(v: Any) -> bool:
     return v is None or isinstance(v, (str, int, float, bool))
 

@@ -184,7 +184,9 @@ class Translator:
         for r, i in enumerate(live):
             src[r, :len(sources[i])] = sources[i]
         src_mask = np.arange(S)[None, :] < lengths[:, None]  # (B, S)
-        cache = self.runtime.start(src, src_mask, self.alignment_layer if options.return_alignments else None)
+        cache = self.runtime.start(src, src_mask)
+        if options.return_alignments:
+            cache.alignment_layer = self.alignment_layer
         budgets = [max_new_tokens(int(n), options, m.max_positions) for n in lengths]
         row_stopped = lambda r: stopped(live[r])  # noqa: E731 - search rows -> batch indices
         if options.beam_size == 1:

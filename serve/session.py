@@ -176,12 +176,8 @@ class Runtime:
     def to_device(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device.type, self.device.id)
 
-    def start(self, src_ids: np.ndarray, src_mask: np.ndarray, alignment_layer: int | None = None
-              ) -> DecoderCache:
-        """Encode a padded batch (B, S) and return its decoder state: cross K/V on device, empty past.
-
-        With alignment_layer (a decoder layer index, negative from the end) every step also
-        fetches that layer's head-averaged cross-attention and keeps its argmax per row."""
+    def start(self, src_ids: np.ndarray, src_mask: np.ndarray) -> DecoderCache:
+        """Encode a padded batch (B, S) and return its decoder state: cross K/V on device, empty past."""
         n = self.n_layers
         cross_out = [B.present_name(i, "encoder", w) for i in range(n) for w in ("key", "value")]
         out = self.encoder.run({B.INPUT_IDS: src_ids, B.ATTENTION_MASK: src_mask}, cross_out)
@@ -195,7 +191,7 @@ class Runtime:
             for w in ("key", "value"):
                 cache[B.past_name(i, "decoder", w)] = empty
         cache[B.ENCODER_ATTENTION_MASK] = self.to_device(src_mask)
-        return DecoderCache(self, cache, src_ids.shape[0], alignment_layer)
+        return DecoderCache(self, cache, src_ids.shape[0])
 
 
 class DecoderCache:
@@ -205,10 +201,11 @@ class DecoderCache:
     so positions are one number and the self-attention mask is all True.
     """
 
-    def __init__(self, runtime: Runtime, cache: dict[str, Feed], rows: int,
-                 alignment_layer: int | None = None):
+    def __init__(self, runtime: Runtime, cache: dict[str, Feed], rows: int):
         self.runtime, self.cache, self.rows, self.position = runtime, cache, rows, 0
-        self.alignment_layer = alignment_layer
+        # A decoder layer index (negative from the end): set, every step also fetches that layer's
+        # head-averaged cross-attention and keeps its argmax per row. None: a normal step.
+        self.alignment_layer: int | None = None
         self.alignment: np.ndarray | None = None  # (R,) last step's most attended source index per row
         n = runtime.n_layers
         self.self_pairs = [(B.present_name(i, "decoder", w), B.past_name(i, "decoder", w))

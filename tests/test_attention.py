@@ -166,3 +166,22 @@ def test_grpc_returns_alignments(translator):
     finally:
         client.close()
         server.drain(grace=0)
+
+
+def test_bundle_without_the_output_refuses_alignments_and_decodes_the_same(tiny_bundle, translator, tmp_path):
+    """A decoder graph without cross_attention (as exported before alignments) still serves, with the
+    same tokens and scores; asking it for alignments is a clear InvalidRequest."""
+    from export.pipeline import strip_alignment_output
+    from serve.engine import Translator
+    from serve.types import InvalidRequest
+
+    plain = Translator.from_bundle(strip_alignment_output(tiny_bundle, tmp_path / "plain"), device="cpu",
+                                   warmup=False)
+    assert not plain.runtime.has_alignments and translator.runtime.has_alignments
+    for beam in (1, 3):
+        opts = DecodeOptions(beam_size=beam)
+        got, want = plain.translate(TEXTS, opts), translator.translate(TEXTS, opts)
+        assert [(h.tokens, h.score) for r in got for h in r.hypotheses] == \
+            [(h.tokens, h.score) for r in want for h in r.hypotheses]
+    with pytest.raises(InvalidRequest, match="re-export it to get alignments"):
+        plain.translate(TEXTS[:1], DecodeOptions(return_alignments=True))
