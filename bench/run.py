@@ -153,7 +153,7 @@ def measure(run: Callable[[list[str]], list[Output]], texts: list[str], n_latenc
                         outputs[i] = out
             pass_times.append(time.perf_counter() - start)
         seconds = statistics.median(pass_times)
-    n_tokens = sum(len(o[0]) for o in outputs)
+    n_tokens = sum(len(o[0]) for o in outputs if o is not None)
     ranked = sorted(per_sentence)
     return {
         "latency_ms": 1000 * statistics.median(ranked),

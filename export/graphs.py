@@ -55,7 +55,8 @@ class DecoderGraph(nn.Module):
         cross_attention = torch.stack([p.mean(dim=1) for p in cross_probs], dim=1)  # (B, L, T, S)
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
         # Only the last position's k best leave the device on a decoding step.
-        values, indices = torch.topk(log_probs[:, -1, :], top_k_value(top_k), dim=-1)  # (B, k)
+        k = top_k_value(top_k)  # a tensor while tracing keeps k dynamic; torch.topk accepts it
+        values, indices = torch.topk(log_probs[:, -1, :], k, dim=-1)  # type: ignore[arg-type]  # (B, k)
         return (log_probs, values, indices, *flatten_kv(present), cross_attention)
 
 

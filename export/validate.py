@@ -263,7 +263,7 @@ def run_checks(model: Transformer, tokenizer: Tokenizer, graph_dir: Path, dtype:
     if not all(np.isfinite(v) for v in diffs.values()):
         failures.append("non-finite outputs (NaN/inf in the weights or an overflow)")
         diffs = {k: (v if np.isfinite(v) else float("inf")) for k, v in diffs.items()}  # JSON-safe
-    worst = max(diffs, key=diffs.get)
+    worst = max(diffs, key=diffs.__getitem__)
     # Decoding a broken graph says nothing more (and a NaN model never stops): greedy only when sane.
     real = srcs[:len(SENTENCES)]
     ours = ort_greedy(sessions, model, real) if not failures else []

@@ -141,10 +141,12 @@ class Translator:
             if len(ids) > self.max_source_tokens:
                 raise InvalidRequest(f"text {i} is {len(ids)} tokens long (EOS included), the model accepts "
                                      f"at most {self.max_source_tokens}")
-        hyps = self.translate_ids(sources, options, [stop] * len(sources))
-        if any(h is None for h in hyps):
-            raise Cancelled("translation stopped before it finished")
-        return [TranslationResult(hypotheses=h, source_tokens=len(s)) for h, s in zip(hyps, sources)]
+        results = []
+        for h, s in zip(self.translate_ids(sources, options, [stop] * len(sources)), sources):
+            if h is None:
+                raise Cancelled("translation stopped before it finished")
+            results.append(TranslationResult(hypotheses=h, source_tokens=len(s)))
+        return results
 
     def translate_ids(self, sources: list[list[int]], options: DecodeOptions = GREEDY,
                       stops: list[StopSignal | None] | None = None,
@@ -171,7 +173,8 @@ class Translator:
                      stops: list[StopSignal | None]) -> list[list[Hypothesis] | None]:
         """Encode one packed batch and search it; sources already stopped cost nothing."""
         def stopped(i: int) -> bool:
-            return stops[i] is not None and stops[i].stopped(time.monotonic())
+            s = stops[i]
+            return s is not None and s.stopped(time.monotonic())
 
         live = [i for i in range(len(sources)) if not stopped(i)]
         out: list[list[Hypothesis] | None] = [None] * len(sources)

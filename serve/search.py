@@ -83,7 +83,7 @@ def greedy_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos
         ended[items[is_eos]] = True
         grow = items[~is_eos]
         out[grow, length[grow]] = token[~is_eos]
-        if opts.return_alignments:
+        if opts.return_alignments and cache.alignment is not None:
             align[grow, length[grow]] = cache.alignment[live][~is_eos]
         length[grow] += 1
         done[items] = is_eos | (length[items] >= budget[items])
@@ -208,7 +208,8 @@ def beam_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos: 
         values, ids = cache.step(np.asarray(feed, dtype=np.int64), n_request)  # (R, K)
         for i in active:
             start, count = spans[i]
-            aligns = cache.alignment[start:start + count] if opts.return_alignments else None  # (count,)
+            aligns = (cache.alignment[start:start + count]  # (count,)
+                      if opts.return_alignments and cache.alignment is not None else None)
             advance(beams[i], values[start:start + count], ids[start:start + count], start, step, opts, eos,
                     aligns)
         step += 1

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 import onnxruntime as ort
@@ -29,7 +31,7 @@ GRAPH_OPTIMIZATION = {
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 NUMPY_DTYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
-Feed = np.ndarray | ort.OrtValue
+Feed: TypeAlias = "np.ndarray | ort.OrtValue"  # a host array or a (device) OrtValue
 
 
 class DeviceError(RuntimeError):
@@ -116,7 +118,7 @@ class Graph:
     def provider(self) -> str:
         return self.session.get_providers()[0]
 
-    def run(self, feeds: dict[str, Feed], device_outputs: list[str], host_outputs: list[str] = ()
+    def run(self, feeds: dict[str, Feed], device_outputs: list[str], host_outputs: Sequence[str] = ()
             ) -> dict[str, ort.OrtValue]:
         """Bind feeds (OrtValues stay where they are, arrays are copied in by ORT), run, and return
         `device_outputs` as OrtValues on the session's device and `host_outputs` in host memory."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from nmt.v1 import translator_pb2 as pb
 
@@ -136,7 +137,7 @@ def invalid_plan(rng: random.Random, index: int, target: Target, texts: list[str
     name, src, _ = target.models[0]
     ok = [sentence(rng, texts)]
     long_tokens = " ".join(["x"] * (target.max_source_tokens + 5))  # every "x" is at least one token
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "no texts": dict(texts=[]),
         "too many texts": dict(texts=ok * (target.max_texts + rng.randint(1, 3))),
         "too many characters": dict(texts=ok + ["y" * (target.max_chars + rng.randint(1, 50))]),

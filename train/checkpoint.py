@@ -36,7 +36,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 def make_checkpoint(model: Transformer, tokenizer: Tokenizer, *, train_config: Any = None, step: int = 0,
                     meta: dict[str, Any] | None = None, **training_state: Any) -> dict[str, Any]:
-    raw = model.module if hasattr(model, "module") else model  # unwrap DDP
+    raw: Transformer = getattr(model, "module", model)  # unwrap DDP
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -11,6 +11,7 @@ Masks are boolean, True = "may attend".
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,8 @@ def sinusoid_table(n_positions: int, d_model: int) -> Tensor:
 
 class PositionalEncoding(nn.Module):
     """Sinusoidal positions looked up per row, so each row can be at its own position."""
+
+    table: Tensor  # (max_positions, D), a buffer
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -199,7 +202,7 @@ class Transformer(nn.Module):
 
     def cross_kv(self, memory: Tensor) -> list[KV]:
         """Every decoder layer's encoder-decoder K/V, computed once per source: (B,H,S,Dh) each."""
-        return [layer.cross_attn.project_kv(memory) for layer in self.decoder_layers]
+        return [cast(DecoderLayer, layer).cross_attn.project_kv(memory) for layer in self.decoder_layers]
 
     def empty_past(self, batch: int, device: torch.device | None = None, dtype=torch.float32) -> list[KV]:
         shape = (batch, self.cfg.n_heads, 0, self.cfg.head_dim)  # (B, H, 0, Dh)

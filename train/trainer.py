@@ -17,7 +17,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sacrebleu
 import torch
@@ -222,7 +222,7 @@ class Trainer:
 
     @staticmethod
     def _loss(model: torch.nn.Module, b: Batch, label_smoothing: float) -> torch.Tensor:
-        raw = model.module if hasattr(model, "module") else model
+        raw = cast(Transformer, getattr(model, "module", model))  # unwrap DDP
         logits = model(b.src, b.src_mask, b.tgt_in)  # (B, T, V); DDP hooks need the forward call
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), b.tgt_out.flatten(),
                                                  ignore_index=raw.cfg.pad_id, label_smoothing=label_smoothing)
@@ -248,7 +248,7 @@ class Trainer:
         meta = {"src_lang": self.tc.src_lang, "tgt_lang": self.tc.tgt_lang, "step": self.step,
                 "val_bleu": val_bleu, "best_bleu": self.best_bleu, "tokens_seen": self.tokens_seen,
                 "elapsed_s": round(self.elapsed, 1)}
-        rngs = [rng_state()]
+        rngs: list[Any] = [rng_state()]
         if self.distributed:
             rngs = [None] * self.world
             dist.all_gather_object(rngs, rng_state())
@@ -269,6 +269,7 @@ class Trainer:
     def evaluate_and_save(self) -> None:
         val_bleu = None
         if self.is_main and self.val_examples:
+            assert self.metrics is not None  # the main process always logs
             val_loss, val_bleu = self.validate()
             self.metrics.write(step=self.step, time_s=round(self.elapsed, 2), val_loss=val_loss,
                                val_bleu=val_bleu)
