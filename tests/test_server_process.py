@@ -107,7 +107,10 @@ def test_sigterm_drains_every_accepted_request_and_exits_0(tiny_bundle, engine):
                         break
                     time.sleep(0.01)
                 results = [f.result() for f in futures]
-        assert refused is not None and refused.code() == grpc.StatusCode.UNAVAILABLE
+        # Refused, never accepted: UNAVAILABLE from the draining server, or CANCELLED when the call
+        # races gRPC's own shutdown before any handler sees it (clients retry both elsewhere).
+        assert refused is not None
+        assert refused.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), refused
         want = engine.translate(TEXTS)
         assert [r.text for rs in results for r in rs] == [w.text for w in want]
         assert server.proc.wait(30) == 0
