@@ -101,10 +101,12 @@ PRESETS: dict[str, Preset] = {
         train=dict(vocab_size=500, max_tokens=1024, lr=3e-3, warmup_steps=50, eval_every=100,
                    eval_bleu_sentences=50, log_every=10, save_every=100, max_len=64),
     ),
-    # Multi30k-sized: the demo and the default.
+    # Multi30k-sized: the demo and the default. The schedule is the measured CPU recipe: a short
+    # warmup and a high peak reach 31 test BLEU in 25 minutes on 2 cores (README, "Training").
     "small": Preset(
         model=dict(d_model=256, n_heads=4, n_encoder_layers=3, n_decoder_layers=3, d_ff=1024, dropout=0.1),
-        train=dict(vocab_size=8000, max_tokens=4096, lr=1e-3, warmup_steps=1000),
+        train=dict(vocab_size=8000, max_tokens=4096, lr=1.5e-3, warmup_steps=400, eval_every=200,
+                   eval_bleu_sentences=300, save_every=200),
     ),
     # The paper's base model.
     "base": Preset(
