@@ -4,8 +4,8 @@ without the cross_attention output at all (the graph as exported before alignmen
     python -m bench.attention_bench --bundle bundles/en-de --sentences 64 --threads 2
 
 Three engines on the same bundle, timed interleaved on the same sentences (Multi30k test, en):
-  * no-output: a copy of the bundle whose decoder graph has the cross_attention output and the
-    nodes only it needs pruned (what the normal path would cost if the output did not exist);
+  * no-output: a copy of the bundle without its alignment graph (decoder_alignments.onnx), i.e. a
+    bundle that cannot produce alignments at all: the normal path must cost the same as this;
   * off: the bundle as exported, return_alignments=False (the normal path);
   * on: return_alignments=True.
 Per decoding mode, batch-1 latency (median over sentences of the best of --repeats runs) and

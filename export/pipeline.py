@@ -33,7 +33,8 @@ from train.tokenizer import Tokenizer
 DTYPES = ("fp32", "fp16", "int8")
 DEFAULT_OPSET = 17  # well covered by ONNX Runtime's CPU and CUDA kernels and by the TorchScript exporter
 OPSETS = range(13, 22)  # the opsets this exporter was checked with
-GRAPH_FILES = (sb.ENCODER_FILE, sb.DECODER_FILE, sb.REORDER_FILE)
+GRAPH_FILES = (sb.ENCODER_FILE, sb.DECODER_FILE, sb.DECODER_ALIGNMENTS_FILE, sb.REORDER_FILE)
+GRAPH_KINDS = ("encoder", "decoder", "decoder_alignments", "reorder")
 
 
 class ExportError(Exception):
@@ -74,7 +75,7 @@ def export_graphs(model: Transformer, out_dir: Path, opset: int, dtype: str) -> 
         (EncoderGraph(model), ex["encoder"], sb.ENCODER_FILE, [sb.INPUT_IDS, sb.ATTENTION_MASK],
          sb.encoder_output_names(L), axes["encoder"], True),
         (DecoderGraph(model), ex["decoder"], sb.DECODER_FILE, sb.decoder_input_names(L),
-         sb.decoder_output_names(L), axes["decoder"], fold_decoder),
+         sb.decoder_output_names(L, alignments=True), axes["decoder"], fold_decoder),
         (ReorderGraph(), reorder_ex, sb.REORDER_FILE, sb.reorder_input_names(L),
          sb.reorder_output_names(L), axes["reorder"], True),
     ]
@@ -142,7 +143,7 @@ def build_manifest(ckpt: dict[str, Any], model: Transformer, out_dir: Path, *, n
                    opset: int, validation: dict[str, Any], export_seconds: float) -> dict[str, Any]:
     cfg, meta = model.cfg, ckpt.get("meta", {})
     files = [*GRAPH_FILES, sb.TOKENIZER_FILE]
-    io = {g: graph_io(out_dir / f) for g, f in zip(("encoder", "decoder", "reorder"), GRAPH_FILES)}
+    io = {g: graph_io(out_dir / f) for g, f in zip(GRAPH_KINDS, GRAPH_FILES)}
     cache_dtype = next(i["dtype"] for i in io["decoder"]["inputs"]
                        if i["name"] == sb.past_name(0, "decoder", "key"))
     return {
@@ -174,12 +175,14 @@ def build_manifest(ckpt: dict[str, Any], model: Transformer, out_dir: Path, *, n
     }
 
 
-def strip_alignment_output(bundle: Path, out: Path) -> Path:
-    """Copy `bundle` to `out` with cross_attention (and the nodes only it needs) removed from the
-    decoder: the graph as exported before alignments, which the engine still serves. For
-    measuring what the output costs a step that does not fetch it (bench.attention_bench)."""
-    shutil.copytree(bundle, out)
-    path = out / sb.DECODER_FILE
+def split_alignment_graph(out_dir: Path) -> None:
+    """decoder_alignments.onnx = the exported decoder; decoder.onnx = the same without cross_attention."""
+    shutil.copyfile(out_dir / sb.DECODER_FILE, out_dir / sb.DECODER_ALIGNMENTS_FILE)
+    strip_cross_attention(out_dir / sb.DECODER_FILE)
+
+
+def strip_cross_attention(path: Path) -> None:
+    """Remove the cross_attention output and the nodes only it needs from a decoder graph, in place."""
     model = onnx.load(str(path))
     g = model.graph
     kept_outputs = [o for o in g.output if o.name != sb.CROSS_ATTENTION]
@@ -194,9 +197,16 @@ def strip_alignment_output(bundle: Path, out: Path) -> Path:
     del g.node[:]
     g.node.extend(reversed(live))
     onnx.save(model, str(path))
+
+
+def strip_alignment_output(bundle: Path, out: Path) -> Path:
+    """Copy `bundle` to `out` without its alignment graph: a bundle that serves everything but
+    alignments (what a bundle without the graph must do)."""
+    shutil.copytree(bundle, out)
+    (out / sb.DECODER_ALIGNMENTS_FILE).unlink()
     manifest = json.loads((out / sb.MANIFEST_FILE).read_text(encoding="utf-8"))
-    manifest["files"][sb.DECODER_FILE] = {"sha256": sb.sha256_file(path), "bytes": path.stat().st_size}
-    manifest["io"]["decoder"] = graph_io(path)
+    del manifest["files"][sb.DECODER_ALIGNMENTS_FILE]
+    manifest["io"].pop("decoder_alignments", None)
     write_json(out / sb.MANIFEST_FILE, manifest)
     return out
 
@@ -262,6 +272,7 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, dtype: str =
             quantize_int8(tmp)
         elif dtype == "fp16":
             convert_fp16(tmp)
+        split_alignment_graph(tmp)
         for f in GRAPH_FILES:
             onnx.checker.check_model(str(tmp / f))
         export_seconds = time.perf_counter() - start

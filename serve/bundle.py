@@ -46,6 +46,9 @@ FORMAT_VERSION = 1
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+# The same decoder plus the cross_attention output: ONNX Runtime computes every output of a graph
+# whether it is fetched or not, so alignments get their own graph and a normal step never pays.
+DECODER_ALIGNMENTS_FILE = "decoder_alignments.onnx"
 REORDER_FILE = "reorder.onnx"
 TOKENIZER_FILE = "tokenizer.model"
 MANIFEST_FILE = "manifest.json"
@@ -90,9 +93,11 @@ def decoder_input_names(n_layers: int) -> list[str]:
     return names + cache_names(n_layers) + [TOP_K]
 
 
-def decoder_output_names(n_layers: int) -> list[str]:
+def decoder_output_names(n_layers: int, alignments: bool = False) -> list[str]:
+    """The decoder's outputs; with alignments, those of decoder_alignments.onnx (cross_attention last)."""
     return [LOG_PROBS, TOPK_VALUES, TOPK_INDICES] + [
-        present_name(i, "decoder", w) for i in range(n_layers) for w in ("key", "value")] + [CROSS_ATTENTION]
+        present_name(i, "decoder", w) for i in range(n_layers) for w in ("key", "value")] + (
+        [CROSS_ATTENTION] if alignments else [])
 
 
 def reorder_input_names(n_layers: int) -> list[str]:

@@ -161,8 +161,10 @@ class Runtime:
         self.reorder = Graph(bundle_dir / B.REORDER_FILE, options, self.device, B.reorder_input_names(n))
         past_type = self.decoder.input_types[B.past_name(0, "decoder", "key")]
         self.cache_dtype = NUMPY_DTYPE.get(past_type, np.float32)
-        # Bundles exported before alignments existed lack the output; they serve everything else.
-        self.has_alignments = B.CROSS_ATTENTION in {o.name for o in self.decoder.session.get_outputs()}
+        # Alignments need their own graph (a bundle without it serves everything else).
+        self.has_alignments = B.DECODER_ALIGNMENTS_FILE in manifest.files
+        self.decoder_alignments = (Graph(bundle_dir / B.DECODER_ALIGNMENTS_FILE, options, self.device,
+                                         B.decoder_input_names(n)) if self.has_alignments else None)
         self.n_heads, self.head_dim = manifest.n_heads, manifest.head_dim
         self.steps = 0
         self._steps_lock = threading.Lock()
@@ -225,7 +227,9 @@ class DecoderCache:
         host = [B.TOPK_VALUES, B.TOPK_INDICES]
         if self.alignment_layer is not None:
             host.append(B.CROSS_ATTENTION)  # only then: a normal step never copies it to the host
-        out = rt.decoder.run(feeds, presents, host)
+        graph = rt.decoder_alignments if self.alignment_layer is not None else rt.decoder
+        assert graph is not None  # the engine refuses alignments for a bundle without their graph
+        out = graph.run(feeds, presents, host)
         rt.count_step()
         if self.alignment_layer is not None:
             attn = out[B.CROSS_ATTENTION].numpy()[:, self.alignment_layer, -1, :]  # (R, S)

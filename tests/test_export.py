@@ -76,7 +76,8 @@ def test_manifest_describes_the_bundle(tiny_bundle, tiny_checkpoint):
         cfg["n_decoder_layers"], cfg["d_model"], cfg["n_heads"], cfg["d_model"] // cfg["n_heads"],
         cfg["tgt_vocab_size"], cfg["max_positions"])
     assert (m.pad_id, m.unk_id, m.bos_id, m.eos_id) == (0, 1, 2, 3)
-    assert set(m.files) == {sb.ENCODER_FILE, sb.DECODER_FILE, sb.REORDER_FILE, sb.TOKENIZER_FILE}
+    assert set(m.files) == {sb.ENCODER_FILE, sb.DECODER_FILE, sb.DECODER_ALIGNMENTS_FILE, sb.REORDER_FILE,
+                            sb.TOKENIZER_FILE}
     assert m.raw["training"]["step"] == 150
     v = m.raw["validation"]
     assert v["passed"] and v["worst"]["max_abs_diff"] <= 1e-4
@@ -92,6 +93,11 @@ def test_manifest_describes_the_bundle(tiny_bundle, tiny_checkpoint):
         assert [o.name for o in sess.get_outputs()] == expected[graph][1]
         assert [i["name"] for i in m.raw["io"][graph]["inputs"]] == expected[graph][0]
         onnx.checker.check_model(str(tiny_bundle / f"{graph}.onnx"))
+    # Alignments have their own graph: the normal decoder does not even compute cross_attention.
+    align = ort.InferenceSession(str(tiny_bundle / sb.DECODER_ALIGNMENTS_FILE),
+                                 providers=["CPUExecutionProvider"])
+    assert [o.name for o in align.get_outputs()] == sb.decoder_output_names(L, alignments=True)
+    assert [i.name for i in align.get_inputs()] == sb.decoder_input_names(L)
 
 
 def test_encoder_matches_pytorch_and_ignores_padding(tiny_bundle, model_and_tok):
