@@ -16,9 +16,10 @@ Decoder graph (`decoder.onnx`), one graph for every step (first step with past_l
        top_k [1] int64
   out: log_probs [batch, new_len, vocab],
        topk_values / topk_indices [batch, top_k]  (of the last position: all a step needs on the host),
-       present.{i}.decoder.key / .value [batch, heads, past_len + new_len, head_dim],
+       present.{i}.decoder.key / .value [batch, heads, past_len + new_len, head_dim]
+Alignment decoder (`decoder_alignments.onnx`, optional): the same graph with one more output,
        cross_attention [batch, n_layers, new_len, src_len]  (encoder-decoder attention averaged over
-       heads, per layer; the engine binds it only for alignments, a normal step leaves it unfetched)
+       heads, per layer); the engine runs it only for requests that ask for alignments
 Reorder graph (`reorder.onnx`): a gather on the batch axis, so beams and finished rows are
   reordered/dropped where the cache lives (on the GPU) without a host round trip.
   in : index [new_batch] int64, and every cache tensor of the decoder plus encoder_attention_mask
