@@ -161,10 +161,12 @@ class Runtime:
         self.reorder = Graph(bundle_dir / B.REORDER_FILE, options, self.device, B.reorder_input_names(n))
         past_type = self.decoder.input_types[B.past_name(0, "decoder", "key")]
         self.cache_dtype = NUMPY_DTYPE.get(past_type, np.float32)
-        # Alignments need their own graph (a bundle without it serves everything else).
+        # Alignments need their own graph (a bundle without it serves everything else). It loads on
+        # the first request that asks for alignments: a server that never does pays no memory for it.
         self.has_alignments = B.DECODER_ALIGNMENTS_FILE in manifest.files
-        self.decoder_alignments = (Graph(bundle_dir / B.DECODER_ALIGNMENTS_FILE, options, self.device,
-                                         B.decoder_input_names(n)) if self.has_alignments else None)
+        self._alignments_path, self._options = bundle_dir / B.DECODER_ALIGNMENTS_FILE, options
+        self._decoder_alignments: Graph | None = None
+        self._load_lock = threading.Lock()
         self.n_heads, self.head_dim = manifest.n_heads, manifest.head_dim
         self.steps = 0
         self._steps_lock = threading.Lock()
@@ -172,6 +174,14 @@ class Runtime:
     @property
     def provider(self) -> str:
         return self.encoder.provider
+
+    @property
+    def decoder_alignments(self) -> Graph:
+        with self._load_lock:
+            if self._decoder_alignments is None:
+                self._decoder_alignments = Graph(self._alignments_path, self._options, self.device,
+                                                 B.decoder_input_names(self.n_layers))
+            return self._decoder_alignments
 
     def count_step(self) -> None:
         with self._steps_lock:
@@ -227,8 +237,8 @@ class DecoderCache:
         host = [B.TOPK_VALUES, B.TOPK_INDICES]
         if self.alignment_layer is not None:
             host.append(B.CROSS_ATTENTION)  # only then: a normal step never copies it to the host
+        # The engine refuses alignments for a bundle without their graph before a step runs.
         graph = rt.decoder_alignments if self.alignment_layer is not None else rt.decoder
-        assert graph is not None  # the engine refuses alignments for a bundle without their graph
         out = graph.run(feeds, presents, host)
         rt.count_step()
         if self.alignment_layer is not None:
