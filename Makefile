@@ -10,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
-BENCH_ARGS ?= --checkpoint work/demo/run/best.pt --bundle work/demo/bundle
+BENCH_ARGS ?= --checkpoint work/demo/run/final.pt --bundle work/demo/bundle
 PYTEST_ARGS ?=
 # A Multi30k copy next to the checkout (../shared/data/multi30k, as the tests use) spares the download;
 # an NMT_DATA_DIR set by the caller wins.

@@ -36,7 +36,8 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
     ("d512", "wider model: d_model 512, 8 heads, ffn 2048", ["d_model=512", "n_heads=8", "d_ff=2048"]),
     ("d128", "narrower model: d_model 128, ffn 512", ["d_model=128", "d_ff=512"]),
     ("post-norm", "post-norm (the original paper) instead of pre-norm", ["pre_norm=false"]),
-    ("untied", "separate source, target and output embeddings", ["share_embeddings=false", "tie_output=false"]),
+    ("untied", "separate source, target and output embeddings",
+     ["share_embeddings=false", "tie_output=false"]),
     ("batch-8k", "8192 tokens per batch instead of 4096", ["max_tokens=8192"]),
 ]
 # Validation only at the very end, on every validation sentence; no step checkpoints in between.
@@ -45,7 +46,7 @@ FIXED = ["eval_every=1000000", "save_every=1000000", "eval_bleu_sentences=100000
 
 def train_command(out: Path, data_dir: Path, minutes: float, sets: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "nmt", "train", "--preset", "small", "--out", str(out),
-           "--data-dir", str(data_dir), "--max-minutes", str(minutes), "--no-progress"]
+           "--data-dir", str(data_dir), "--max-minutes", str(minutes), "--no-progress", "--skip-final"]
     for s in FIXED + sets:
         cmd += ["--set", s]
     return cmd
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=1, help="variants trained at the same time")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads per variant")
     p.add_argument("--only", nargs="+", metavar="NAME", help="these variants (and the reference row)")
-    p.add_argument("--table-only", action="store_true", help="print the table of finished runs, train nothing")
+    p.add_argument("--table-only", action="store_true",
+                   help="print the table of finished runs, train nothing")
     args = p.parse_args(argv)
     names = [v[0] for v in VARIANTS]
     unknown = sorted(set(args.only or []) - set(names))
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table_only:
         run_all(chosen, args)
     text = (f"{args.minutes:g} training minutes per variant, {args.threads} thread(s) each, "
-            f"{args.parallel} at a time; validation: Multi30k val, greedy, sacreBLEU.\n\n" + table(chosen, args.out))
+            f"{args.parallel} at a time; validation: Multi30k val, greedy, sacreBLEU.\n\n"
+            + table(chosen, args.out))
     atomic_write_text(args.out / "ablation.md", text)
     print(text)
     return 0

@@ -61,7 +61,7 @@ class Demo:
 
     @property
     def checkpoint(self) -> Path:
-        return self.run_dir / "best.pt"
+        return self.run_dir / "final.pt"  # chosen on validation at the end of `nmt train`
 
     @property
     def bundle(self) -> Path:
@@ -166,7 +166,8 @@ def stage_train(demo: Demo) -> bool:
               f"--fresh retrains")
         return True
     args = ["train", "--preset", demo.args.preset, "--data-dir", demo.args.data_dir,
-            "--out", str(demo.run_dir), "--max-minutes", str(demo.args.minutes)]
+            "--out", str(demo.run_dir), "--max-minutes", str(demo.args.minutes),
+            "--test-split", "none"]  # the evaluate stage reports the test set (with --eval-limit)
     if demo.args.max_steps:
         args += ["--max-steps", str(demo.args.max_steps)]
     if (demo.run_dir / "last.pt").is_file():

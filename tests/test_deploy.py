@@ -131,7 +131,7 @@ def test_jobs_and_servers_share_volumes():
     train, export = service_cmd(compose(), "train"), service_cmd(compose(), "export")
     assert train[:2] == ["nmt", "train"] and export[:2] == ["nmt", "export"]
     run_dir, checkpoint, bundle = flag(train, "--out"), Path(export[2]), flag(export, "--out")
-    assert checkpoint.parent == Path(run_dir) and checkpoint.name == "best.pt"
+    assert checkpoint.parent == Path(run_dir) and checkpoint.name == "final.pt"
     for job in JOB_SERVICES:
         m = mounts(services[job])
         assert m["/runs"] == ("runs", "rw") and m["/bundles"] == ("bundles", "rw") and m["/data"][0] == "data"
@@ -383,7 +383,7 @@ def test_demo_reuses_finished_stages_serves_and_stops(tiny_checkpoint, tiny_bund
     nmt_help("serve")
     work = tmp_path / "demo"
     (work / "run").mkdir(parents=True)
-    shutil.copy(tiny_checkpoint, work / "run" / "best.pt")
+    shutil.copy(tiny_checkpoint, work / "run" / "final.pt")
     (work / "run" / "demo-train.json").write_text('{"preset": "tiny", "minutes": 0.1, "max_steps": 150}')
     # Copied after the checkpoint and with fresh times: the export is current.
     shutil.copytree(tiny_bundle, work / "bundle", copy_function=shutil.copy)

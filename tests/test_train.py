@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+import sacrebleu
 import torch
 from conftest import read_lines
 
+from serve.types import DecodeOptions
 from train import average, cli, evaluate
 from train.checkpoint import load_checkpoint, model_from_checkpoint
+from train.decode import translate
 from train.trainer import inverse_sqrt
 
 STEPS = 12
@@ -20,7 +23,8 @@ STEPS = 12
 def corpus(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("corpus")
     files = {"train_src": ("train", "en", 800), "train_tgt": ("train", "de", 800),
-             "valid_src": ("val", "en", 40), "valid_tgt": ("val", "de", 40)}
+             "valid_src": ("val", "en", 40), "valid_tgt": ("val", "de", 40),
+             "test_src": ("test_2016_flickr", "en", 30), "test_tgt": ("test_2016_flickr", "de", 30)}
     out = {}
     for name, (split, lang, n) in files.items():
         out[name] = d / f"{name}.txt"
@@ -70,8 +74,9 @@ def test_resumed_run_equals_uninterrupted_run(runs):
 def test_run_directory_layout_and_weights_only_checkpoints(runs):
     run = runs[0]
     names = sorted(p.name for p in run.iterdir())
-    assert names == ["best.pt", "last.pt", "metrics.jsonl", "step_12.pt", "step_9.pt", "tokenizer.model"]
-    for name in ("best.pt", "last.pt", "step_12.pt"):
+    assert names == ["best.pt", "final.json", "final.pt", "last.pt", "metrics.jsonl", "step_12.pt",
+                     "step_9.pt", "tokenizer.model"]
+    for name in ("best.pt", "last.pt", "step_12.pt", "final.pt"):
         ckpt = torch.load(run / name, map_location="cpu", weights_only=True)
         assert ckpt["model_config"]["src_vocab_size"] == ckpt["model_config"]["tgt_vocab_size"] <= 200
         assert ckpt["tokenizer"] == (run / "tokenizer.model").read_bytes()
@@ -94,6 +99,69 @@ def test_metrics_file_has_train_and_eval_lines(runs):
     assert all(set(r) == {"step", "time_s", "val_loss", "val_bleu"} for r in eval_rows)
     assert train_rows[-1]["train_loss"] < train_rows[0]["train_loss"]
     assert all(r["tokens_per_s"] > 0 for r in train_rows)
+
+
+def test_final_weights_are_chosen_on_validation_and_test_is_reported(runs, corpus):
+    run = runs[0]
+    report = json.loads((run / "final.json").read_text())
+    assert report["steps"] == STEPS and report["training_minutes"] > 0
+    rows = report["candidates"]
+    assert [r["candidate"] for r in rows] == ["last step", "average of last 2"]
+    assert rows[1]["checkpoints"] == ["step_9.pt", "step_12.pt"]
+    best = max(rows, key=lambda r: r["val_bleu"])
+    assert report["final"] == best["candidate"]
+    # final.pt holds exactly the chosen weights.
+    final = load_checkpoint(run / "final.pt")
+    if best["candidate"] == "last step":
+        expected = load_checkpoint(run / "last.pt")["model"]
+        assert "averaged_from" not in final["meta"]
+    else:
+        a, b = load_checkpoint(run / "step_9.pt")["model"], load_checkpoint(run / "step_12.pt")["model"]
+        expected = {k: (a[k].double() + b[k].double()).div(2).float() for k in a}
+        assert final["meta"]["averaged_from"] == ["step_9.pt", "step_12.pt"]
+    for name, tensor in final["model"].items():
+        assert torch.allclose(tensor, expected[name], atol=1e-6), name
+    # The reported test BLEU is that of final.pt, with detokenized cased sacreBLEU.
+    test = report["test"]
+    assert test["sentences"] == 30 and set(test) >= {"greedy", "beam 4", "signature"}
+    assert test["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp")
+    model, tok = model_from_checkpoint(final)
+    src = corpus["test_src"].read_text().splitlines()
+    ref = corpus["test_tgt"].read_text().splitlines()
+    hyps = translate(model, tok, src, DecodeOptions())
+    assert round(sacrebleu.corpus_bleu(hyps, [ref]).score, 2) == test["greedy"]["bleu"]
+
+
+def test_finished_run_resumed_trains_nothing_and_prints_the_report(corpus, runs, capsys):
+    run = runs[0]
+    assert cli.main(train_args(corpus, run, "--max-steps", str(STEPS), "--resume")) == 0
+    out = capsys.readouterr().out
+    assert f"step {STEPS}:" in out
+    assert "final weights (greedy validation BLEU): last step" in out
+    assert "greedy: BLEU = " in out and "beam 4: BLEU = " in out
+    assert "signature: nrefs:1|case:mixed|eff:no|tok:13a" in out
+
+
+def test_time_budget_counts_training_and_carries_over_a_resume(corpus, tmp_path):
+    run = tmp_path / "timed"
+    budget = ["--max-minutes", "0.0001", "--skip-final"]  # 6 ms: a step or two
+    assert cli.main(train_args(corpus, run, *budget)) == 0
+    steps = load_checkpoint(run / "last.pt")["step"]
+    assert 1 <= steps < STEPS
+    assert cli.main(train_args(corpus, run, *budget, "--resume")) == 0
+    assert load_checkpoint(run / "last.pt")["step"] == steps  # the budget was spent: no new step
+    assert not (run / "final.pt").exists()
+
+
+def test_test_set_flags_are_checked_before_training(corpus, tmp_path, capsys):
+    run = tmp_path / "bad"
+    assert cli.main(train_args(corpus, run, "--test-split", "val")) == 2
+    assert "a custom corpus takes --test-src/--test-tgt" in capsys.readouterr().err
+    argv = [a for a in train_args(corpus, run) if a != str(corpus["test_tgt"]) and a != "--test-tgt"]
+    assert cli.main([*argv, "--final-beam", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--test-src and --test-tgt go together" in err and "--final-beam must be >= 1" in err
+    assert not run.exists()
 
 
 def test_inverse_sqrt_schedule():

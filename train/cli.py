@@ -21,7 +21,7 @@ from train.config import (
     preset,
     train_config_from_dict,
 )
-from train.data import LANGS
+from train.data import LANGS, SPLITS
 
 FIELD_TYPES = {f.name: str(f.type) for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
 
@@ -58,10 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-src", type=Path, help="validation source file")
     p.add_argument("--valid-tgt", type=Path, help="validation target file")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--max-minutes", type=float, help="stop after this many minutes of this invocation")
+    p.add_argument("--max-minutes", type=float,
+                   help="stop after this many minutes of training (validation and saving not counted; "
+                   "a resumed run continues the same budget)")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR/last.pt exactly where it stopped")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any model/train config field, e.g. --set lr=5e-4 --set d_model=128")
+    p.add_argument("--test-split", choices=(*SPLITS, "none"),
+                   help="Multi30k split reported at the end of the run (default: test_2016_flickr)")
+    p.add_argument("--test-src", type=Path, help="custom corpus: test source file reported at the end")
+    p.add_argument("--test-tgt", type=Path, help="custom corpus: test references aligned with --test-src")
+    p.add_argument("--final-beam", type=int, default=4,
+                   help="beam size of the final test report (1 = greedy)")
+    p.add_argument("--skip-final", action="store_true",
+                   help="no final stage (final.pt chosen on validation, test report)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                    help="mixed precision on CUDA (ignored on CPU)")
@@ -103,7 +113,16 @@ def corpus_errors(args: argparse.Namespace) -> list[str]:
         errs.append("--train-src and --train-tgt go together")
     if bool(args.valid_src) != bool(args.valid_tgt):
         errs.append("--valid-src and --valid-tgt go together")
-    for flag in ("data_dir", "train_src", "train_tgt", "train_tsv", "valid_src", "valid_tgt"):
+    if bool(args.test_src) != bool(args.test_tgt):
+        errs.append("--test-src and --test-tgt go together")
+    if args.test_src and args.test_split not in (None, "none"):
+        errs.append("give either --test-split (Multi30k) or --test-src/--test-tgt, not both")
+    if args.test_split not in (None, "none") and (args.train_tsv or args.train_src):
+        errs.append("--test-split names a Multi30k split; a custom corpus takes --test-src/--test-tgt")
+    if args.final_beam < 1:
+        errs.append(f"--final-beam must be >= 1, got {args.final_beam}")
+    for flag in ("data_dir", "train_src", "train_tgt", "train_tsv", "valid_src", "valid_tgt", "test_src",
+                 "test_tgt"):
         path = getattr(args, flag)
         if path is not None and not path.exists():
             errs.append(f"--{flag.replace('_', '-')} {path}: does not exist")
@@ -148,6 +167,21 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, list[
     return mc, tc, errs + mc.errors() + train_config_errors(tc, mc, multi30k) + corpus_errors(args)
 
 
+def final_spec(args: argparse.Namespace, tc: TrainConfig) -> Any:
+    """The final report's test set, read before training so a missing file fails fast."""
+    from train.data import load_multi30k, read_parallel
+    from train.final import FinalSpec
+
+    test, name = None, ""
+    if args.test_src:
+        test, name = read_parallel(args.test_src, args.test_tgt), str(args.test_src)
+    elif not (args.train_tsv or args.train_src) and args.test_split != "none":
+        split = args.test_split or "test_2016_flickr"
+        test = load_multi30k(split, tc.src_lang, tc.tgt_lang, args.data_dir)
+        name = f"Multi30k {split} {tc.src_lang}->{tc.tgt_lang}"
+    return FinalSpec(test_name=name, test=test, beam_size=args.final_beam)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from train.checkpoint import CheckpointError
@@ -161,6 +195,7 @@ def main(argv: list[str]) -> int:
         if errs:
             print(f"nmt train: invalid configuration: {'; '.join(errs)}", file=sys.stderr)
             return 2
+        final = None if args.skip_final else final_spec(args, tc)
         from train.trainer import RunSpec, Trainer
         spec = RunSpec(out=args.out, data_dir=args.data_dir, train_src=args.train_src,
                        train_tgt=args.train_tgt, train_tsv=args.train_tsv, valid_src=args.valid_src,
@@ -171,7 +206,14 @@ def main(argv: list[str]) -> int:
     except (CorpusError, CheckpointError) as e:
         print(f"nmt train: {e}", file=sys.stderr)
         return 1
-    if trainer.is_main:
-        print(f"step {trainer.step}: {last} (best val BLEU {max(trainer.best_bleu, 0.0):.2f}, "
-              f"{trainer.tokens_seen} target tokens in {trainer.elapsed:.0f}s)")
+    if not trainer.is_main:
+        return 0
+    print(f"step {trainer.step}: {last} (best val BLEU {max(trainer.best_bleu, 0.0):.2f}, "
+          f"{trainer.tokens_seen} target tokens in {trainer.elapsed / 60:.1f} training minutes)", flush=True)
+    if final is not None:
+        from train.final import final_report
+        summary = {"steps": trainer.step, "training_minutes": round(trainer.elapsed / 60, 2),
+                   "target_tokens": trainer.tokens_seen}
+        final_report(trainer.model, trainer.tokenizer, args.out, trainer.valid, final, summary,
+                     lambda: trainer.weights(final=True))
     return 0

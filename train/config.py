@@ -76,7 +76,7 @@ class TrainConfig:
     clip_norm: float = 1.0  # gradient clipping keeps early steps stable
     max_len: int = 100  # drop pairs longer than this many tokens on either side
     max_steps: int = 100_000
-    max_minutes: float = 0.0  # 0 = no wall-clock budget
+    max_minutes: float = 0.0  # training-time budget (validation excluded); 0 = none
     eval_every: int = 500  # steps between validation runs (loss + greedy BLEU)
     eval_bleu_sentences: int = 500  # validation sentences decoded for BLEU (decoding is slow on CPU)
     log_every: int = 50

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from serve.types import DecodeOptions, InvalidRequest
@@ -27,11 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    import sacrebleu
     import torch
 
     from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-    from train.decode import translate
+    from train.final import METRIC, score
 
     try:
         ckpt = load_checkpoint(args.checkpoint)
@@ -56,13 +54,9 @@ def main(argv: list[str]) -> int:
           f"{len(src)} sentences, {torch.get_num_threads()} CPU threads")
     hyps: list[str] = []
     for name, opts in runs:
-        t0 = time.perf_counter()
-        hyps = translate(model, tokenizer, src, opts)
-        seconds = time.perf_counter() - t0
-        bleu = sacrebleu.BLEU()
-        score = bleu.corpus_score(hyps, [ref])
-        print(f"{name:>8}: {score}  ({seconds:.1f}s, {len(src) / seconds:.1f} sent/s)")
-    print(f"signature: {bleu.get_signature()}")
+        bleu, seconds, hyps = score(model, tokenizer, (src, ref), opts)
+        print(f"{name:>8}: {bleu}  ({seconds:.1f}s, {len(src) / seconds:.1f} sent/s)")
+    print(f"signature: {METRIC.get_signature()}")
     if args.output:
         from nmt.files import atomic_write_bytes
         atomic_write_bytes(args.output, "".join(h + "\n" for h in hyps).encode())

@@ -153,6 +153,7 @@ class Trainer:
         self.stream = BatchStream(encode_pairs(self.tokenizer, train_src, train_tgt, tc.max_len),
                                   tc.max_tokens, tc.seed, self.rank, self.world)
         self.val_examples = encode_pairs(self.tokenizer, val_src, val_tgt, tc.max_len)
+        self.valid = (val_src, val_tgt)  # the whole set: the final weights are chosen on it
         self.val_src = val_src[:tc.eval_bleu_sentences]
         self.val_ref = val_tgt[:tc.eval_bleu_sentences]
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=tc.betas,
@@ -244,10 +245,13 @@ class Trainer:
         self.model.train()
         return loss_sum / max(n, 1), bleu
 
-    def save(self, val_bleu: float | None) -> None:
+    def weights(self, **meta: Any) -> dict[str, Any]:
+        """A weights-only checkpoint of the model as it is now (what export and evaluate read)."""
         meta = {"src_lang": self.tc.src_lang, "tgt_lang": self.tc.tgt_lang, "step": self.step,
-                "val_bleu": val_bleu, "best_bleu": self.best_bleu, "tokens_seen": self.tokens_seen,
-                "elapsed_s": round(self.elapsed, 1)}
+                "tokens_seen": self.tokens_seen, "elapsed_s": round(self.elapsed, 1), **meta}
+        return make_checkpoint(self.model, self.tokenizer, train_config=self.tc, step=self.step, meta=meta)
+
+    def save(self, val_bleu: float | None) -> None:
         rngs: list[Any] = [rng_state()]
         if self.distributed:
             rngs = [None] * self.world
@@ -255,7 +259,7 @@ class Trainer:
         if not self.is_main:
             return
         out = self.spec.out
-        weights = make_checkpoint(self.model, self.tokenizer, train_config=self.tc, step=self.step, meta=meta)
+        weights = self.weights(val_bleu=val_bleu, best_bleu=self.best_bleu)
         full = {**weights, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "data_state": self.stream.state_dict(), "rng": rngs,
                 "trainer_state": {"tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed,
@@ -275,17 +279,16 @@ class Trainer:
                                val_bleu=val_bleu)
             if val_bleu > self.best_bleu:
                 self.best_bleu = val_bleu
-                meta = {"src_lang": self.tc.src_lang, "tgt_lang": self.tc.tgt_lang, "step": self.step,
-                        "val_bleu": val_bleu, "tokens_seen": self.tokens_seen}
-                atomic_torch_save(make_checkpoint(self.model, self.tokenizer, train_config=self.tc,
-                                                  step=self.step, meta=meta), self.spec.out / "best.pt")
+                atomic_torch_save(self.weights(val_bleu=val_bleu), self.spec.out / "best.pt")
         self.save(val_bleu)
 
     # ------------------------------------------------------------------ the loop
 
-    def should_stop(self, started: float) -> bool:
+    def should_stop(self) -> bool:
+        # The time budget counts training steps only (validation and saving excluded), over the
+        # whole run: a resumed run continues the same budget.
         stop = self.step >= self.tc.max_steps or (
-            self.tc.max_minutes > 0 and time.monotonic() - started >= 60 * self.tc.max_minutes)
+            self.tc.max_minutes > 0 and self.elapsed >= 60 * self.tc.max_minutes)
         if self.distributed:  # every rank must stop at the same step
             flag = torch.tensor([float(stop)], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -295,12 +298,11 @@ class Trainer:
     def fit(self) -> Path:
         """Train until a budget runs out; returns the path of last.pt."""
         self.model.train()
-        started = time.monotonic()
         bar = tqdm(total=self.tc.max_steps, initial=self.step, dynamic_ncols=True, mininterval=1.0,
                    disable=not (self.is_main and self.spec.progress))
         window_tokens, window_time = 0, 0.0  # throughput counts training steps only, not validation
         saved_at = evaluated_at = self.step
-        while not self.should_stop(started):
+        while not self.should_stop():
             t0 = time.monotonic()
             loss, tokens = self.train_step()
             self.step += 1
