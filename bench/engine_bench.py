@@ -1,6 +1,6 @@
 """Uncached PyTorch greedy vs the cached ONNX Runtime engine, side by side on the same weights.
 
-    python -m bench.engine_bench --bundle bundles/en-de --checkpoint runs/small/best.pt --sentences 128
+    python -m bench.engine_bench --bundle bundles/en-de --checkpoint runs/small/final.pt --sentences 128
 
 Both systems decode the same Multi30k test sentences (or --test-src) greedily in one process,
 one after the other, with the same thread count: batch-1 latency (median over sentences of the
@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.run import BATCH, BenchError, RowSpec, engine_system, measure, read_text, torch_system
+from bench.run import BenchError, read_text
+from bench.worker import BATCH, RowSpec, engine_system, measure, torch_system
 
 ROWS = [RowSpec("PyTorch uncached greedy", "torch-uncached"), RowSpec("ORT engine cached greedy", "engine")]
 

@@ -1,8 +1,8 @@
 """`nmt bench`: PyTorch, our engine, CTranslate2 and gRPC side by side on the same weights and sentences.
 
-    nmt bench --checkpoint runs/small/best.pt --threads 2
+    nmt bench --checkpoint runs/small/final.pt --threads 2
 
-Every row runs in a fresh worker process (`python -m bench.run --worker`, job as JSON on stdin,
+Every row runs in a fresh worker process (`python -m bench.worker`, job as JSON on stdin,
 result as JSON on stdout), for two reasons: peak RSS (ru_maxrss) is a high-water mark that
 cannot be reset inside one process, so only a fresh process gives each row its own figure; and
 one runtime's thread pools and allocator caches must not slow the next one down. The RSS
@@ -19,37 +19,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from bench import report
+from bench.worker import BATCH, RowSpec
 
 REPO = Path(__file__).resolve().parents[1]
-BATCH = 64
 BLEU_TOLERANCE = 0.1  # fp32 greedy rows run the same weights and algorithm: BLEU may only differ by noise
 UNCACHED = "PyTorch uncached greedy"  # the speed baseline: the Annotated Transformer loop
 REFERENCE = "PyTorch cached greedy"  # the token and BLEU reference (same tokens as UNCACHED, batched)
 WORKER_TIMEOUT_S = 1800
-
-Output = tuple[list[int], str]  # (target ids without BOS/EOS, detokenized text)
-
-
-@dataclass(frozen=True)
-class RowSpec:
-    name: str
-    system: str  # torch-uncached | torch-cached | engine | ct2
-    precision: str = "fp32"  # fp32 | int8
-    beam: int = 1
-
 
 ROWS = [
     RowSpec(UNCACHED, "torch-uncached"),
@@ -64,153 +50,6 @@ ROWS = [
     RowSpec("CT2 int8 beam 4", "ct2", "int8", 4),
 ]
 CT2_BASELINES = {1: "CT2 fp32 greedy", 4: "CT2 fp32 beam 4"}
-
-
-# --------------------------------------------------------------------------------------------
-# Worker side: build one system, measure it, report JSON.
-# --------------------------------------------------------------------------------------------
-
-def torch_system(row: RowSpec, paths: dict[str, str], threads: int) -> Callable[[list[str]], list[Output]]:
-    import torch
-
-    from serve.types import DecodeOptions
-    from train.checkpoint import load_checkpoint, model_from_checkpoint
-    from train.decode import greedy_decode, greedy_decode_cached, source_ids
-
-    torch.set_num_threads(threads)
-    model, tok = model_from_checkpoint(load_checkpoint(paths["checkpoint"]))
-    opts, eos = DecodeOptions(), model.cfg.eos_id
-
-    def run(texts: list[str]) -> list[Output]:
-        srcs = [source_ids(tok, t, eos) for t in texts]
-        if row.system == "torch-uncached":  # the textbook loop decodes one source at a time
-            hyps = [greedy_decode(model, s, opts) for s in srcs]
-        else:
-            hyps = greedy_decode_cached(model, srcs, opts)
-        return [(h.tokens, tok.decode(h.tokens)) for h in hyps]
-    return run
-
-
-def engine_system(row: RowSpec, paths: dict[str, str], threads: int) -> Callable[[list[str]], list[Output]]:
-    from serve.engine import Translator
-    from serve.types import DecodeOptions
-
-    translator = Translator.from_bundle(paths[f"bundle_{row.precision}"], device="cpu",
-                                        intra_op_threads=threads)
-    opts = DecodeOptions(beam_size=row.beam)
-
-    def run(texts: list[str]) -> list[Output]:
-        return [(r.hypotheses[0].tokens, r.text) for r in translator.translate(texts, opts)]
-    return run
-
-
-def ct2_system(row: RowSpec, paths: dict[str, str], threads: int) -> Callable[[list[str]], list[Output]]:
-    from bench.ct2 import CT2Translator
-
-    compute_type = {"fp32": "float32", "int8": "int8"}[row.precision]
-    translator = CT2Translator(paths["ct2"], int(paths["max_positions"]), compute_type=compute_type,
-                               threads=threads)
-
-    def run(texts: list[str]) -> list[Output]:
-        return [(o.tokens, o.text) for o in translator.translate(texts, beam_size=row.beam)]
-    return run
-
-
-SYSTEMS = {"torch-uncached": torch_system, "torch-cached": torch_system, "engine": engine_system,
-           "ct2": ct2_system}
-
-
-def measure(run: Callable[[list[str]], list[Output]], texts: list[str], n_latency: int, repeats: int,
-            batch: int) -> dict[str, Any]:
-    """Warm-up, batch-1 latency and batched throughput of one system; outputs in input order.
-
-    With batch 1 (a system that decodes one source at a time) the latency pass over all texts
-    is also the throughput pass.
-    """
-    run(texts[:min(8, len(texts))])  # warm-up: allocations, thread pools, lazy initialisation
-    run(texts[:1])
-    outputs: list[Output | None] = [None] * len(texts)
-    per_sentence = []
-    for i, text in enumerate(texts[:n_latency]):
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            outputs[i] = run([text])[0]
-            times.append(time.perf_counter() - start)
-        per_sentence.append(statistics.median(times))
-    if batch == 1:
-        seconds = sum(per_sentence)
-    else:
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # same shortest-first batches for all
-        batches = [order[s:s + batch] for s in range(0, len(order), batch)]
-        pass_times = []
-        for rep in range(repeats):
-            start = time.perf_counter()
-            for idx in batches:
-                got = run([texts[i] for i in idx])
-                if rep == 0:  # the batched outputs are the ones scored
-                    for i, out in zip(idx, got):
-                        outputs[i] = out
-            pass_times.append(time.perf_counter() - start)
-        seconds = statistics.median(pass_times)
-    n_tokens = sum(len(o[0]) for o in outputs if o is not None)
-    ranked = sorted(per_sentence)
-    return {
-        "latency_ms": 1000 * statistics.median(ranked),
-        "latency_p90_ms": 1000 * ranked[int(0.9 * (len(ranked) - 1))],
-        "tokens_per_s": n_tokens / seconds if seconds > 0 else None,
-        "throughput_s": seconds,
-        "generated_tokens": n_tokens,
-        "outputs": outputs,
-    }
-
-
-def worker(job: dict[str, Any]) -> dict[str, Any]:
-    if job["kind"] == "grpc":
-        from bench.grpc_bench import measure as grpc_measure
-
-        return grpc_measure(Path(job["bundle"]), job["texts"], device="cpu", requests=job["requests"],
-                            duration=job["duration"], beam_size=1, intra_op_threads=job["threads"])
-    row = RowSpec(**job["row"])
-    start = time.perf_counter()
-    run = SYSTEMS[row.system](row, job["paths"], job["threads"])
-    load_s = time.perf_counter() - start
-    texts, n_latency = job["texts"], job["latency_sentences"]
-    if row.system == "torch-uncached":
-        # The textbook loop re-runs the decoder over the whole prefix for every token, one source
-        # at a time: the latency sentences, timed once each, are all it needs (and can afford).
-        result = measure(run, texts[:n_latency], n_latency, 1, 1)
-    else:
-        result = measure(run, texts, n_latency, job["repeats"], BATCH)
-    result["load_s"] = load_s
-    result["batch"] = 1 if row.system == "torch-uncached" else BATCH
-    result["peak_rss_mib"] = peak_rss_mib()
-    return result
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set size.
-
-    VmHWM belongs to the address space the worker got at exec; ru_maxrss would not do, as Linux
-    carries the parent's high-water mark (torch loaded, bundles exported) across fork + exec.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB; elsewhere the best there is
-
-
-def worker_main() -> int:
-    job = json.loads(sys.stdin.read())
-    try:
-        result = worker(job)
-    except Exception as e:  # the parent turns this into a FAILED row, the other rows still run
-        result = {"error": f"{type(e).__name__}: {e}"}
-    sys.stdout.write("\n" + json.dumps(result) + "\n")
-    return 0
 
 
 def run_worker(module: str, args: list[str], job: dict[str, Any] | None, threads: int) -> dict[str, Any]:
@@ -235,14 +74,14 @@ def run_row(row: RowSpec, paths: dict[str, str], texts: list[str],
     job = {"kind": "row", "row": asdict(row), "paths": paths, "threads": args.threads,
            "repeats": args.repeats, "texts": texts,
            "latency_sentences": min(args.latency_sentences, len(texts))}
-    return run_worker("bench.run", ["--worker"], job, args.threads)
+    return run_worker("bench.worker", [], job, args.threads)
 
 
 def run_grpc(bundle: str, texts: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """gRPC vs in-process latency and concurrent throughput (bench.grpc_bench) of the fp32 greedy engine."""
     job = {"kind": "grpc", "bundle": bundle, "texts": texts, "threads": args.threads,
            "requests": args.grpc_requests, "duration": args.grpc_duration}
-    result = run_worker("bench.run", ["--worker"], job, args.threads)
+    result = run_worker("bench.worker", [], job, args.threads)
     for key in ("sentences_per_s", "speedup"):  # JSON made the client counts strings
         if isinstance(result.get(key), dict):
             result[key] = {int(c): v for c, v in result[key].items()}
@@ -382,8 +221,6 @@ def log(msg: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if "--worker" in argv:
-        return worker_main()
     try:
         args = parse_args(argv)
         return bench(args)

@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-field", default="id", help="JSONL field naming a record in messages")
     p.add_argument("--text-field", default="text", help="JSONL field holding the source text")
     p.add_argument("--beam-size", type=int, default=1)
+    p.add_argument("--length-penalty", type=float, default=DecodeOptions.length_penalty,
+                   help="beam search: scores are divided by ((5 + length) / 6) ** this (0 = raw log-prob)")
     p.add_argument("--scores", action="store_true", help="add the hypothesis score (txt: score<TAB>text)")
     p.add_argument("--chunk-size", type=int, default=32, help="segments per request")
     p.add_argument("--in-flight", type=int, default=128, help="segments translated at once (bounded memory)")
@@ -240,7 +242,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise InvalidRequest(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.retries < 0 or args.timeout <= 0 or args.give_up_after <= 0:
         raise InvalidRequest("--retries must be >= 0, --timeout and --give-up-after > 0")
-    DecodeOptions(beam_size=args.beam_size).validate()
+    DecodeOptions(beam_size=args.beam_size, length_penalty=args.length_penalty).validate()
     if not Path(args.input).is_file():
         raise InputError(f"{args.input}: no such file")
     for target in args.server or []:
@@ -270,7 +272,8 @@ def score_against_reference(output: Path, reference: list[str], cfg: JobConfig) 
 def run_command(args: argparse.Namespace, backend: Backend | None = None) -> int:
     """The job; `backend` replaces the one the flags name (a wrapped engine in tests)."""
     check_args(args)
-    options = DecodeOptions(beam_size=args.beam_size, return_scores=args.scores)
+    options = DecodeOptions(beam_size=args.beam_size, length_penalty=args.length_penalty,
+                            return_scores=args.scores)
     cfg = JobConfig(fmt=detect_format(args.input, args.format), text_field=args.text_field,
                     id_field=args.id_field, options=options, with_scores=args.scores, on_error=args.on_error,
                     chunk_size=min(args.chunk_size, args.in_flight), in_flight=args.in_flight)
@@ -280,6 +283,7 @@ def run_command(args: argparse.Namespace, backend: Backend | None = None) -> int
         raise InputError(f"{args.reference}: {len(reference)} lines, but the input has {total} segments")
     # Everything that changes the output bytes; a resume must match it exactly.
     job_options = {"format": cfg.fmt, "text_field": cfg.text_field, "beam_size": args.beam_size,
+                   "length_penalty": args.length_penalty,
                    "scores": cfg.with_scores, "on_error": cfg.on_error,
                    "backend": f"model-dir:{Path(args.model_dir).resolve()}" if args.model_dir else "servers"}
     out = OrderedOutput.open(args.output, input_identity(args.input), job_options, restart=args.restart)

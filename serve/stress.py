@@ -27,12 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
-import re
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -45,131 +41,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nmt.v1 import translator_pb2 as pb
 from serve.servicer import SERVICE
-from serve.stress_plan import KINDS, PRESETS, Plan, Target, codes, plan_request, request_of
-
-# -- checking answers -----------------------------------------------------------------------------
-Answer = tuple[tuple[tuple[int, ...], str, float, float], ...]  # per hypothesis: tokens, text, score, lp
-
-
-def answer_of(t: pb.Translation) -> Answer:
-    return tuple((tuple(h.tokens), h.text, h.score if h.HasField("score") else math.nan,
-                  h.log_prob if h.HasField("log_prob") else math.nan) for h in t.hypotheses)
-
-
-def same_answer(a: Answer, b: Answer, tol: float = 1e-3) -> bool:
-    def close(x: float, y: float) -> bool:
-        return (math.isnan(x) and math.isnan(y)) or abs(x - y) <= tol * max(1.0, abs(y))
-
-    return len(a) == len(b) and all(
-        ta == tb and xa == xb and close(sa, sb) and close(la, lb)
-        for (ta, xa, sa, la), (tb, xb, sb, lb) in zip(a, b))
-
-
-def check_response(plan: Plan, response: pb.TranslateResponse) -> list[str]:
-    """Structural problems of an OK answer: request id, one translation per text, n-best, scores."""
-    req, errs = plan.request, []
-    assert req is not None
-    if response.request_id != req.request_id:
-        errs.append(f"{req.request_id}: answered as {response.request_id!r}")
-    if len(response.translations) != len(req.texts):
-        errs.append(f"{req.request_id}: {len(response.translations)} translations for {len(req.texts)} texts")
-    o = req.options
-    n_best = o.n_best if o.HasField("n_best") else 1
-    for i, t in enumerate(response.translations):
-        if len(t.hypotheses) != n_best:
-            errs.append(f"{req.request_id}: text {i} has {len(t.hypotheses)} hypotheses, n_best {n_best}")
-        elif t.hypotheses and t.text != t.hypotheses[0].text:
-            errs.append(f"{req.request_id}: text {i}: translation text is not the best hypothesis")
-        if any(h.HasField("score") != o.return_scores for h in t.hypotheses):
-            errs.append(f"{req.request_id}: text {i}: scores asked={o.return_scores}, not so returned")
-    return errs
-
-
-@dataclass
-class AnswerBook:
-    """Answers per (model, serialized options, text); a second, different answer to one key is a mix-up."""
-
-    answers: dict[tuple[str, bytes, str], Answer] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def record(self, model: str, options: bytes, text: str, answer: Answer) -> str | None:
-        with self.lock:
-            first = self.answers.setdefault((model, options, text), answer)
-        if not same_answer(answer, first):
-            return f"two answers to {text[:40]!r} differ: {first} vs {answer}"
-        return None
-
-
-# -- the server under test --------------------------------------------------------------------------
-class StressError(Exception):
-    """The run could not start (no server, bad flags): one line for the user."""
-
-
-def rss_mb(pid: int | None) -> float | None:
-    """Resident memory of a process in MiB (Linux /proc), None when unknown."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text() if pid else ""
-    except OSError:
-        return None
-    m = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
-    return int(m.group(1)) / 1024 if m else None
-
-
-class ServerProcess:
-    """`nmt serve --port 0` on a bundle in a child process, so its RSS is the server's alone."""
-
-    def __init__(self, model_dir: Path, auth_token: str | None, timeout: float = 120.0):
-        env = dict(os.environ)
-        env.pop("NMT_AUTH_TOKEN", None)
-        if auth_token:
-            env["NMT_AUTH_TOKEN"] = auth_token  # not a flag: flags show in `ps`
-        cmd = [sys.executable, "-m", "nmt", "serve", "--model-dir", str(model_dir), "--port", "0",
-               "--log-level", "warning"]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, env=env)
-        self.lines: list[str] = []  # the server's log (warnings name each refused request)
-        self.port = 0
-        self._listening = threading.Event()
-        threading.Thread(target=self._collect, daemon=True).start()
-        end = time.monotonic() + timeout
-        while not self._listening.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > end:
-                self.stop(0)
-                last = self.lines[-1] if self.lines else "no output"
-                raise StressError(f"the server did not start: {last}")
-
-    def _collect(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            m = re.match(r"nmt serve: listening on \S+:(\d+)", line)
-            if m:
-                self.port = int(m.group(1))
-                self._listening.set()
-
-    @property
-    def tracebacks(self) -> list[str]:
-        """The exception line ending each traceback the server logged, e.g. "OverflowError: ..."."""
-        found, inside = [], False
-        for line in self.lines:
-            if line.startswith("Traceback"):
-                inside = True
-            elif inside and line and not line[0].isspace():
-                found.append(line)
-                inside = False
-        return found
-
-    def stop(self, grace: float = 30.0) -> int:
-        """SIGTERM (the server drains), SIGKILL after `grace` + 30 s; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace + 30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
+from serve.stress_plan import (
+    KINDS,
+    PRESETS,
+    Answer,
+    AnswerBook,
+    Plan,
+    Target,
+    answer_of,
+    check_response,
+    codes,
+    plan_request,
+    request_of,
+    same_answer,
+)
+from serve.stress_server import ServerProcess, StressError, rss_mb, wait_serving
 
 # -- the run ---------------------------------------------------------------------------------------
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", -1)]
@@ -442,21 +328,6 @@ def run_stress(config: StressConfig, model_dir: Path | None = None) -> StressRep
             distinct = "; ".join(dict.fromkeys(errors))
             report.failures.append(f"the server logged {len(errors)} traceback(s): {distinct}")
     return report
-
-
-def wait_serving(address: str, timeout: float = 120.0) -> None:
-    end = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < end:
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise StressError(f"the server at {address} never became SERVING")
 
 
 # -- nmt stress ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Request planning for `nmt stress`: every request is a pure function of (seed, index).
+"""Request planning for `nmt stress`: every request is a pure function of (seed, index); and the
+checks of the answers that come back.
 
 Kinds and the status codes each may get are listed in serve/stress.py's docstring.
 """
@@ -7,7 +8,8 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from nmt.v1 import translator_pb2 as pb
@@ -186,3 +188,56 @@ def garbage_plan(rng: random.Random, index: int, target: Target, texts: list[str
     if variant == "unknown method":
         return Plan("garbage", variant, codes("UNIMPLEMENTED"), valid, method="Nope")
     return Plan("garbage", variant, codes("RESOURCE_EXHAUSTED"), b"\x00" * (target.max_message_bytes + 1))
+
+
+# -- checking answers -----------------------------------------------------------------------------
+Answer = tuple[tuple[tuple[int, ...], str, float, float], ...]  # per hypothesis: tokens, text, score, lp
+
+
+def answer_of(t: pb.Translation) -> Answer:
+    return tuple((tuple(h.tokens), h.text, h.score if h.HasField("score") else math.nan,
+                  h.log_prob if h.HasField("log_prob") else math.nan) for h in t.hypotheses)
+
+
+def same_answer(a: Answer, b: Answer, tol: float = 1e-3) -> bool:
+    def close(x: float, y: float) -> bool:
+        return (math.isnan(x) and math.isnan(y)) or abs(x - y) <= tol * max(1.0, abs(y))
+
+    return len(a) == len(b) and all(
+        ta == tb and xa == xb and close(sa, sb) and close(la, lb)
+        for (ta, xa, sa, la), (tb, xb, sb, lb) in zip(a, b))
+
+
+def check_response(plan: Plan, response: pb.TranslateResponse) -> list[str]:
+    """Structural problems of an OK answer: request id, one translation per text, n-best, scores."""
+    req, errs = plan.request, []
+    assert req is not None
+    if response.request_id != req.request_id:
+        errs.append(f"{req.request_id}: answered as {response.request_id!r}")
+    if len(response.translations) != len(req.texts):
+        errs.append(f"{req.request_id}: {len(response.translations)} translations for {len(req.texts)} texts")
+    o = req.options
+    n_best = o.n_best if o.HasField("n_best") else 1
+    for i, t in enumerate(response.translations):
+        if len(t.hypotheses) != n_best:
+            errs.append(f"{req.request_id}: text {i} has {len(t.hypotheses)} hypotheses, n_best {n_best}")
+        elif t.hypotheses and t.text != t.hypotheses[0].text:
+            errs.append(f"{req.request_id}: text {i}: translation text is not the best hypothesis")
+        if any(h.HasField("score") != o.return_scores for h in t.hypotheses):
+            errs.append(f"{req.request_id}: text {i}: scores asked={o.return_scores}, not so returned")
+    return errs
+
+
+@dataclass
+class AnswerBook:
+    """Answers per (model, serialized options, text); a second, different answer to one key is a mix-up."""
+
+    answers: dict[tuple[str, bytes, str], Answer] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, model: str, options: bytes, text: str, answer: Answer) -> str | None:
+        with self.lock:
+            first = self.answers.setdefault((model, options, text), answer)
+        if not same_answer(answer, first):
+            return f"two answers to {text[:40]!r} differ: {first} vs {answer}"
+        return None

@@ -98,11 +98,12 @@ def test_jsonl_gzip_keeps_ids_and_fields_adds_scores_and_metrics(tmp_path, tiny_
     with gzip.open(ref, "wt", encoding="utf-8") as f:
         f.writelines(line + "\n" for line in REF[:30])
     rc = batch.main([str(inp), str(out), "--model-dir", str(tiny_bundle), "--beam-size", "2", "--scores",
-                     "--chunk-size", "4", "--reference", str(ref), "--no-progress"])
+                     "--length-penalty", "0.6", "--chunk-size", "4", "--reference", str(ref),
+                     "--no-progress"])
     assert rc == 0
     with gzip.open(out, "rt", encoding="utf-8") as f:
         got = [json.loads(line) for line in f]
-    want = engine.translate(texts, DecodeOptions(beam_size=2))
+    want = engine.translate(texts, DecodeOptions(beam_size=2, length_penalty=0.6))
     assert [{k: g[k] for k in ("id", "text", "meta")} for g in got] == records
     assert [g["translation"] for g in got] == [w.text for w in want]
     assert [g["score"] for g in got] == pytest.approx([w.hypotheses[0].score for w in want], abs=2e-4)
@@ -206,6 +207,8 @@ def test_sigkill_then_rerun_resumes_to_byte_identical_output(tmp_path, tiny_bund
 
     assert batch.main([str(inp), str(out), *flags, "--beam-size", "2"]) == 1  # other options: refused
     assert "different options (beam_size)" in capsys.readouterr().err
+    assert batch.main([str(inp), str(out), *flags, "--length-penalty", "0.5"]) == 1
+    assert "different options (length_penalty)" in capsys.readouterr().err
     assert batch.main([str(inp), str(out), *flags]) == 0  # the same command resumes
     assert f"(resumed after {done})" in capsys.readouterr().out
     assert batch.main([str(inp), str(reference), *flags]) == 0

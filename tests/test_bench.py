@@ -128,3 +128,29 @@ def test_bad_input_is_one_line(argv, message, tiny_checkpoint, capsys):
     assert run.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_ablation_table_reads_finished_runs_and_resumes(tmp_path, data_dir, capsys):
+    from bench import ablate
+
+    def finish(name: str, bleu: float, step: int) -> None:
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": step - 50, "time_s": 10.0, "train_loss": 3.0, "lr": 1e-3, "tokens_per_s": 2000.0},
+                {"step": step, "time_s": 20.0, "train_loss": 2.5, "lr": 1e-3, "tokens_per_s": 3000.0},
+                {"step": step, "time_s": 20.0, "val_loss": 2.0, "val_bleu": bleu}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    finish("recipe", 30.0, 800)
+    finish("d128", 27.5, 1200)
+    (tmp_path / "seed").mkdir()  # started, never finished: no final validation line
+    (tmp_path / "seed" / "metrics.jsonl").write_text('{"step": 50, "time_s": 9.0, "train_loss": 4.0}\n')
+    assert ablate.result(tmp_path / "seed") is None  # would be trained again
+    argv = ["--data-dir", str(data_dir), "--out", str(tmp_path), "--table-only", "--only", "d128", "seed"]
+    assert ablate.main(argv) == 0
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| recipe | the small preset as shipped | 800 | 2500 | 2.000 | 30.00 |  |" in table
+    assert "| d128 | narrower model: d_model 128, ffn 512 | 1200 | 2500 | 2.000 | 27.50 | -2.50 |" in table
+    assert "| seed |" in table and "not run" in table
+    assert ablate.main(["--data-dir", str(data_dir), "--out", str(tmp_path), "--only", "d1024"]) == 2
+    assert "unknown variants ['d1024']" in capsys.readouterr().err

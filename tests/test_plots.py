@@ -10,6 +10,7 @@ import pytest
 
 from nmt.cli import main
 from train.model import sinusoid_table
+from train.plot import read_metrics, series
 
 
 def write_metrics(run, torn_tail: bool = False):
@@ -32,6 +33,15 @@ def test_plot_draws_every_logged_curve(tmp_path, capsys):
         assert title in out
     img = mpimg.imread(run / "curves.png")
     assert img.shape[1] > 2.5 * img.shape[0]  # five panels side by side
+
+
+def test_plot_against_training_minutes(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_metrics(run)
+    assert series(read_metrics(run), "val_bleu", "minutes") == (
+        [pytest.approx(s * 0.1 / 60) for s in (10, 20, 30, 40)], [10.0, 20.0, 30.0, 40.0])
+    assert main(["plot", str(run), "--x", "minutes", "--out", str(tmp_path / "m.png")]) == 0
+    assert mpimg.imread(tmp_path / "m.png").shape[1] > 0
 
 
 def test_plot_missing_metrics_is_one_line_error(tmp_path, capsys):

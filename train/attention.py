@@ -1,6 +1,6 @@
 """`nmt attention`: what every head looks at while translating one sentence.
 
-    nmt attention runs/en-de/best.pt "A man is riding a bike." --out-dir maps/
+    nmt attention runs/en-de/final.pt "A man is riding a bike." --out-dir maps/
 
 The sentence is translated (greedy, or beam search with --beam), then the translation is fed
 back teacher-forced through the model once with the attention probabilities collected:

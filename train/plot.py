@@ -51,21 +51,26 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None and "step" in r]
+# x axes: optimizer steps, or minutes of training (time_s counts training steps, not validation).
+X_AXES = {"step": ("step", lambda r: r["step"]), "minutes": ("training minutes", lambda r: r["time_s"] / 60)}
+
+
+def series(rows: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    pick = X_AXES[x][1]
+    pts = [(pick(r), r[key]) for r in rows if key in r and r[key] is not None and "step" in r]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_run(run_dir: Path, out: Path) -> list[str]:
-    """Draw one panel per logged metric against steps; returns the panel titles drawn."""
+def plot_run(run_dir: Path, out: Path, x: str = "step") -> list[str]:
+    """Draw one panel per logged metric against steps or minutes; returns the panel titles drawn."""
     rows = read_metrics(run_dir)
     panels = [(k, t) for k, t in CURVES if series(rows, k)[0]]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
-        xs, ys = series(rows, key)
+        xs, ys = series(rows, key, x)
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel(X_AXES[x][0])
         ax.grid(alpha=0.3)
     fig.suptitle(run_dir.name)
     fig.tight_layout()
@@ -110,10 +115,12 @@ def main_plot(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="nmt plot", description="Plot a run's loss, lr, BLEU and tokens/s.")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/curves.png)")
+    p.add_argument("--x", choices=tuple(X_AXES), default="step",
+                   help="x axis: optimizer steps or training minutes")
     args = p.parse_args(argv)
     out = args.out or args.run_dir / "curves.png"
     try:
-        panels = plot_run(args.run_dir, out)
+        panels = plot_run(args.run_dir, out, args.x)
     except (PlotError, OSError) as e:
         print(f"nmt plot: {e}", file=sys.stderr)
         return 1
