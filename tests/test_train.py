@@ -104,7 +104,7 @@ def test_metrics_file_has_train_and_eval_lines(runs):
 def test_final_weights_are_chosen_on_validation_and_test_is_reported(runs, corpus):
     run = runs[0]
     report = json.loads((run / "final.json").read_text())
-    assert report["steps"] == STEPS and report["training_minutes"] > 0
+    assert report["steps"] == STEPS and report["training_seconds"] > 0
     rows = report["candidates"]
     assert [r["candidate"] for r in rows] == ["last step", "average of last 2"]
     assert rows[1]["checkpoints"] == ["step_9.pt", "step_12.pt"]

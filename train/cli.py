@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from train.config import (
     PRESETS,
@@ -22,6 +22,9 @@ from train.config import (
     train_config_from_dict,
 )
 from train.data import LANGS, SPLITS
+
+if TYPE_CHECKING:
+    from train.final import FinalSpec
 
 FIELD_TYPES = {f.name: str(f.type) for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
 
@@ -167,7 +170,7 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, list[
     return mc, tc, errs + mc.errors() + train_config_errors(tc, mc, multi30k) + corpus_errors(args)
 
 
-def final_spec(args: argparse.Namespace, tc: TrainConfig) -> Any:
+def final_spec(args: argparse.Namespace, tc: TrainConfig) -> FinalSpec:
     """The final report's test set, read before training so a missing file fails fast."""
     from train.data import load_multi30k, read_parallel
     from train.final import FinalSpec
@@ -212,7 +215,7 @@ def main(argv: list[str]) -> int:
           f"{trainer.tokens_seen} target tokens in {trainer.elapsed / 60:.1f} training minutes)", flush=True)
     if final is not None:
         from train.final import final_report
-        summary = {"steps": trainer.step, "training_minutes": round(trainer.elapsed / 60, 2),
+        summary = {"steps": trainer.step, "training_seconds": round(trainer.elapsed, 3),
                    "target_tokens": trainer.tokens_seen}
         final_report(trainer.model, trainer.tokenizer, args.out, trainer.valid, final, summary,
                      lambda: trainer.weights(final=True))

@@ -54,14 +54,14 @@ def score(model: Transformer, tokenizer: Tokenizer, pairs: Pairs,
 
 
 def choose_weights(model: Transformer, tokenizer: Tokenizer, run_dir: Path,
-                   valid: Pairs) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """Load the best candidate into `model`; returns (its averaged checkpoint or None for the
-    last step's weights, one row per candidate with its validation BLEU)."""
+                   valid: Pairs) -> tuple[dict[str, Any] | None, list[dict[str, Any]], int]:
+    """Load the best candidate into `model`; returns (its averaged checkpoint, or None for the last
+    step's weights; one row per candidate with its validation BLEU; the chosen row's index)."""
     last_weights = {k: v.clone() for k, v in model.state_dict().items()}
     steps = step_checkpoints(run_dir)
     model.eval()
     rows: list[dict[str, Any]] = []
-    best: tuple[float, dict[str, Any] | None] = (-1.0, None)
+    best: tuple[float, dict[str, Any] | None, int] = (-1.0, None, 0)
     for k in range(1, len(steps) + 1):
         averaged = average_checkpoints(steps[-k:]) if k > 1 else None
         model.load_state_dict(averaged["model"] if averaged else last_weights)
@@ -69,11 +69,11 @@ def choose_weights(model: Transformer, tokenizer: Tokenizer, run_dir: Path,
         rows.append({"candidate": "last step" if k == 1 else f"average of last {k}",
                      "checkpoints": [p.name for p in steps[-k:]], "val_bleu": round(bleu.score, 2),
                      "seconds": round(seconds, 1)})
-        if bleu.score > best[0]:
-            best = (bleu.score, averaged)
-    chosen = best[1]
+        if bleu.score > best[0]:  # ties keep the fewer checkpoints
+            best = (bleu.score, averaged, k - 1)
+    _, chosen, index = best
     model.load_state_dict(chosen["model"] if chosen else last_weights)
-    return chosen, rows
+    return chosen, rows, index
 
 
 def final_report(model: Transformer, tokenizer: Tokenizer, run_dir: Path, valid: Pairs, spec: FinalSpec,
@@ -85,9 +85,9 @@ def final_report(model: Transformer, tokenizer: Tokenizer, run_dir: Path, valid:
     """
     report: dict[str, Any] = dict(summary)
     if valid[0] and step_checkpoints(run_dir):
-        chosen, rows = choose_weights(model, tokenizer, run_dir, valid)
+        chosen, rows, index = choose_weights(model, tokenizer, run_dir, valid)
         report["candidates"] = rows
-        best = max(rows, key=lambda r: r["val_bleu"])
+        best = rows[index]
         report["final"] = best["candidate"]
         print("final weights (greedy validation BLEU): "
               + ", ".join(f"{r['candidate']} {r['val_bleu']:.2f}" for r in rows)
