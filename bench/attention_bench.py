@@ -24,9 +24,9 @@ from pathlib import Path
 
 from bench.run import read_text
 from export.pipeline import strip_alignment_output
-from serve import bundle as sb
-from serve.engine import Translator
-from serve.types import DecodeOptions
+from nmt import bundle as sb
+from nmt.decoding import DecodeOptions
+from serve.engine.translator import EngineConfig, Translator
 
 
 def best_time(engine: Translator, texts: list[str], opts: DecodeOptions, repeats: int) -> float:
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         plain = strip_alignment_output(args.bundle, Path(tmp) / "no-output")
 
         def load(path: Path) -> Translator:
-            return Translator.from_bundle(path, device="cpu", intra_op_threads=args.threads,
-                                          inter_op_threads=1)
+            return Translator.from_bundle(path, EngineConfig(device="cpu", intra_op_threads=args.threads,
+                                          inter_op_threads=1))
 
         engines = {"no-output": load(plain), "off": load(args.bundle), "on": load(args.bundle)}
         print(f"{len(texts)} sentences, {args.threads} threads, provider {engines['off'].provider}")

@@ -18,21 +18,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from serve.batch import JobConfig, run_job
-from serve.batch_backends import Backend, EngineBackend, GrpcBackend
-from serve.batch_io import OrderedOutput, input_identity, read_segments
-from serve.types import DecodeOptions
+from nmt.decoding import DecodeOptions
+from serve.jobs.backends import Backend, EngineBackend, GrpcBackend
+from serve.jobs.job import JobConfig, run_job
+from serve.jobs.segments import OrderedOutput, input_identity, read_segments
 
 
 def serve_forever(model_dir: str, device: str, ports: Any, stop: Any) -> None:
     """Child process: one server on port 0 with the bundle; reports its port, runs until `stop`."""
-    from serve.engine import Translator
-    from serve.registry import ModelRegistry
-    from serve.server import ServerConfig, create_server
+    from serve.engine.translator import EngineConfig, Translator
+    from serve.server.registry import ModelRegistry
+    from serve.server.server import ServerConfig, create_server
 
     registry = ModelRegistry()
     server, port = create_server(registry, ServerConfig(port=0))
-    registry.add(Translator.from_bundle(model_dir, device=device))
+    registry.add(Translator.from_bundle(model_dir, EngineConfig(device=device)))
     server.set_serving()
     ports.put(port)
     stop.wait()
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-flight", type=int, default=128)
     args = p.parse_args(argv)
 
-    from serve.bundle import read_manifest
+    from nmt.bundle import read_manifest
 
     lang = args.lang or read_manifest(args.model_dir, verify_checksums=False).src_lang
     with gzip.open(Path(args.data_dir) / f"{args.split}.{lang}.gz", "rt", encoding="utf-8") as f:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import ctranslate2
 import numpy as np
 
-from train.config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from train.tokenizer import Tokenizer
+from nmt.errors import EXIT_FAILURE, UserError
+from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 # CTranslate2 finds the special tokens by name; SentencePiece names ids 0..3 like this.
 SPECIAL_PIECES = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
@@ -31,8 +31,10 @@ if TYPE_CHECKING:  # ctranslate2.specs imports torch: only conversion needs it, 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default; CTranslate2 would otherwise use 1e-6
 
 
-class ConversionError(Exception):
+class ConversionError(UserError):
     """The checkpoint cannot be expressed as a CTranslate2 Transformer: the message says why."""
+
+    exit_code = EXIT_FAILURE
 
 
 def _np(t) -> np.ndarray:  # noqa: ANN001 - a torch tensor; torch is imported by the caller, not here

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from serve.client import TranslatorClient
-from serve.errors import TranslatorError
-from serve.types import DecodeOptions
+from nmt.decoding import DecodeOptions
+from serve.protocol.client import TranslatorClient
+from serve.protocol.errors import TranslatorError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,13 +109,14 @@ def throughput(client: TranslatorClient, texts: list[str], clients: int, duratio
 def measure(bundle: Path, texts: list[str], *, device: str = "cpu", requests: int = 200,
             duration: float = 10.0, concurrency: tuple[int, ...] = (1, 8, 32), beam_size: int = 1,
             intra_op_threads: int | None = None, server_args: tuple[str, ...] = ()) -> dict[str, Any]:
-    from serve.engine import Translator
+    from serve.engine.translator import EngineConfig, Translator
 
     options = DecodeOptions(beam_size=beam_size)
     threads = [] if intra_op_threads is None else ["--intra-op-threads", str(intra_op_threads)]
     proc, target = start_server(bundle, device, threads + list(server_args))
     try:
-        engine = Translator.from_bundle(bundle, device=device, intra_op_threads=intra_op_threads)
+        config = EngineConfig(device=device, intra_op_threads=intra_op_threads)
+        engine = Translator.from_bundle(bundle, config)
         with TranslatorClient(target) as client:
             engine_lat, grpc_lat = interleaved_latency(lambda t: engine.translate([t], options),
                                                        lambda t: client.translate([t], options, timeout=60),

@@ -90,7 +90,7 @@ def run_batches(translator: Any, texts: list[str], batch: int, options: Any) -> 
 
 def split_time(translator: Any, texts: list[str], batch: int, options: Any) -> dict[str, Any]:
     """Pass 1: bucket sizes from timers; returns seconds per bucket and the decoder steps run."""
-    from serve.session import DecoderCache
+    from serve.engine.runtime import DecoderCache
 
     rt = translator.runtime
     totals: dict[str, float] = defaultdict(float)
@@ -136,10 +136,10 @@ def top_functions(translator: Any, texts: list[str], batch: int, options: Any,
 def profile(bundle: str | Path, texts: list[str], *, batch: int, beam: int, threads: int,
             top: int = 8) -> dict[str, Any]:
     """Profile the engine on `texts` (fed `batch` at a time); costs per decoder step, largest first."""
-    from serve.engine import Translator
-    from serve.types import DecodeOptions
+    from nmt.decoding import DecodeOptions
+    from serve.engine.translator import EngineConfig, Translator
 
-    translator = Translator.from_bundle(bundle, device="cpu", intra_op_threads=threads)
+    translator = Translator.from_bundle(bundle, EngineConfig(device="cpu", intra_op_threads=threads))
     options = DecodeOptions(beam_size=beam)
     run_batches(translator, texts[:batch], batch, options)  # warm-up
     split = split_time(translator, texts, batch, options)

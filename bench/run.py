@@ -30,6 +30,7 @@ from typing import Any
 
 from bench import report
 from bench.worker import BATCH, RowSpec
+from nmt.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 BLEU_TOLERANCE = 0.1  # fp32 greedy rows run the same weights and algorithm: BLEU may only differ by noise
@@ -104,7 +105,7 @@ def run_profiles(bundle: str, texts: list[str], args: argparse.Namespace, tmp: P
 # Parent side: inputs, artifacts, rows, scoring, checks, report.
 # --------------------------------------------------------------------------------------------
 
-class BenchError(Exception):
+class BenchError(UserError):
     """A problem with the user's input: printed as one line, exit code 2."""
 
 
@@ -196,7 +197,7 @@ def prepare(args: argparse.Namespace, rows: list[RowSpec],
         paths["checkpoint"] = str(args.checkpoint)
         paths["max_positions"] = str(ckpt["model_config"]["max_positions"])
     else:
-        from serve.bundle import read_manifest
+        from nmt.bundle import read_manifest
 
         manifest = read_manifest(args.bundle)
         langs = {"src_lang": manifest.src_lang, "tgt_lang": manifest.tgt_lang}
@@ -221,17 +222,8 @@ def log(msg: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args = parse_args(argv)
-        return bench(args)
-    except BenchError as e:
-        print(f"nmt bench: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # checkpoint/bundle/export errors carry a message naming the file
-        if type(e).__name__ in ("CheckpointError", "BundleError", "ExportError", "ConversionError"):
-            print(f"nmt bench: {e}", file=sys.stderr)
-            return 2
-        raise
+    """`nmt bench`; errors reach the user through nmt.cli (one line, exit code)."""
+    return bench(parse_args(argv))
 
 
 def bench(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ class RowSpec:
 def torch_system(row: RowSpec, paths: dict[str, str], threads: int) -> Callable[[list[str]], list[Output]]:
     import torch
 
-    from serve.types import DecodeOptions
+    from nmt.decoding import DecodeOptions
     from train.checkpoint import load_checkpoint, model_from_checkpoint
     from train.decode import greedy_decode, greedy_decode_cached, source_ids
 
@@ -49,11 +49,11 @@ def torch_system(row: RowSpec, paths: dict[str, str], threads: int) -> Callable[
 
 
 def engine_system(row: RowSpec, paths: dict[str, str], threads: int) -> Callable[[list[str]], list[Output]]:
-    from serve.engine import Translator
-    from serve.types import DecodeOptions
+    from nmt.decoding import DecodeOptions
+    from serve.engine.translator import EngineConfig, Translator
 
-    translator = Translator.from_bundle(paths[f"bundle_{row.precision}"], device="cpu",
-                                        intra_op_threads=threads)
+    translator = Translator.from_bundle(paths[f"bundle_{row.precision}"], EngineConfig(device="cpu",
+                                        intra_op_threads=threads))
     opts = DecodeOptions(beam_size=row.beam)
 
     def run(texts: list[str]) -> list[Output]:

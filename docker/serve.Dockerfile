@@ -47,12 +47,11 @@ typing-extensions==4.16.0
 EOF
 RUN pip install -r /tmp/requirements-serve.txt
 
-# Only what the serving install packages; tests, scripts and docs stay out of the image.
+# Only what serving needs: the torch-free core (nmt/) and serve/. Training, export, the benchmarks and the
+# stress harness (bench/), tests, scripts and docs stay out of the image.
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY nmt ./nmt
-COPY train ./train
-COPY export ./export
 COPY serve ./serve
 # --no-deps: everything is pinned above, so the project cannot pull in an unpinned (or torch) package.
 RUN pip install --no-deps . && pip check && ! pip show torch >/dev/null 2>&1

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import NoReturn
 
 from export.pipeline import DEFAULT_OPSET, DTYPES, ExportError, export_bundle
-from serve.bundle import read_manifest
-from train.checkpoint import CheckpointError
+from nmt.bundle import read_manifest
+from nmt.errors import UserError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -43,12 +42,10 @@ def main(argv: list[str]) -> int:
     try:
         out = export_bundle(args.checkpoint, args.out, args.dtype, opset=args.opset, name=args.name,
                             force=args.force)
-    except (ExportError, CheckpointError) as e:
-        print(f"nmt export: {one_line(e)}", file=sys.stderr)
-        return 1
+    except UserError:
+        raise
     except Exception as e:  # exporter/converter failures: still one line, the bundle was not written
-        print(f"nmt export: export failed ({type(e).__name__}: {one_line(e)})", file=sys.stderr)
-        return 1
+        raise ExportError(f"export failed ({type(e).__name__}: {one_line(e)})") from e
     m = read_manifest(out)
     v = m.raw["validation"]
     size = sum(f["bytes"] for f in m.files.values())

@@ -1,7 +1,7 @@
 """The three bundle graphs as thin nn.Modules with flat tensor inputs and outputs.
 
 The ONNX exporter wants positional tensors in and a flat tuple out, in exactly the order of
-serve.bundle's name lists. These wrappers only (un)flatten; all the maths lives in train.model.
+nmt.bundle's name lists. These wrappers only (un)flatten; all the maths lives in train.model.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class EncoderGraph(nn.Module):
 class DecoderGraph(nn.Module):
     """One decoding step (or a chunk of new tokens) over a self-attention cache.
 
-    Inputs follow serve.bundle.decoder_input_names: ids, positions, masks, then per layer the
+    Inputs follow nmt.bundle.decoder_input_names: ids, positions, masks, then per layer the
     self-attention past K/V and the cross-attention K/V, then top_k. Outputs: log_probs of
     every new position, the top_k of the last position, per layer the present K/V, and the
     head-averaged cross-attention of every layer (for alignments; unfetched on a normal step).

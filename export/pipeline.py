@@ -25,10 +25,11 @@ import torch
 
 from export.graphs import DecoderGraph, EncoderGraph, ReorderGraph
 from export.validate import validate_graphs
-from serve import bundle as sb
+from nmt import bundle as sb
+from nmt.errors import EXIT_FAILURE, UserError
+from nmt.tokenizer import Tokenizer
 from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from train.model import Transformer
-from train.tokenizer import Tokenizer
 
 DTYPES = ("fp32", "fp16", "int8")
 DEFAULT_OPSET = 17  # well covered by ONNX Runtime's CPU and CUDA kernels and by the TorchScript exporter
@@ -37,8 +38,10 @@ GRAPH_FILES = (sb.ENCODER_FILE, sb.DECODER_FILE, sb.DECODER_ALIGNMENTS_FILE, sb.
 GRAPH_KINDS = ("encoder", "decoder", "decoder_alignments", "reorder")
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """An export that cannot proceed or did not validate; the message is one line for the user."""
+
+    exit_code = EXIT_FAILURE
 
 
 def example_inputs(model: Transformer, cache_dtype: torch.dtype = torch.float32) -> dict[str, tuple]:
@@ -62,7 +65,7 @@ def example_inputs(model: Transformer, cache_dtype: torch.dtype = torch.float32)
 
 def export_graphs(model: Transformer, out_dir: Path, opset: int, dtype: str) -> None:
     """The three graphs (float32 maths; fp16/int8 conversion comes after), with the names and
-    dynamic axes serve.bundle defines."""
+    dynamic axes nmt.bundle defines."""
     L = model.cfg.n_decoder_layers
     ex, axes = example_inputs(model), sb.dynamic_axes(L)
     # The reorder graph only moves data: it is exported directly in the cache's dtype.

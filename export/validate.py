@@ -22,11 +22,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from serve import bundle as sb
-from serve.types import DecodeOptions
+from nmt import bundle as sb
+from nmt.decoding import DecodeOptions
+from nmt.tokenizer import Tokenizer
 from train.decode import greedy_decode, max_new_tokens, source_ids
 from train.model import Transformer
-from train.tokenizer import Tokenizer
 
 # Short and long, plain and with punctuation: the lengths differ so the batch is padded.
 SENTENCES = [

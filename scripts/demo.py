@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: import the project's packages from the checkout
 
-from serve.bundle import BundleError, read_manifest  # noqa: E402
+from nmt.bundle import BundleError, read_manifest  # noqa: E402
 
 STAGES = ("data", "train", "evaluate", "export", "serve", "translate", "test-set", "stop")
 TRAIN_DONE = "demo-train.json"  # written into the run dir once `nmt train` has exited 0

@@ -13,7 +13,6 @@ Maps need the PyTorch weights, so the input is a checkpoint; a bundle serves ali
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +20,13 @@ import matplotlib
 import numpy as np
 import torch
 
-from serve.types import DecodeOptions, InvalidRequest
-from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from nmt.decoding import DecodeOptions, check_sources
+from nmt.errors import UserError
+from nmt.tokenizer import Tokenizer
+from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.decode import beam_search, greedy_decode_cached, max_new_tokens, source_ids
 from train.model import Transformer
 from train.plot import save_figure
-from train.tokenizer import Tokenizer
 
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
@@ -35,7 +35,7 @@ from matplotlib.figure import Figure  # noqa: E402
 EOS_LABEL = "</s>"
 
 
-class AttentionError(Exception):
+class AttentionError(UserError):
     """Input the maps cannot be drawn from; the message names the problem."""
 
 
@@ -54,9 +54,7 @@ def attention_maps(model: Transformer, tokenizer: Tokenizer, text: str, beam_siz
     cfg = model.cfg
     opts = DecodeOptions(beam_size=beam_size).validate()
     src_ids = source_ids(tokenizer, text, cfg.eos_id)
-    if len(src_ids) > cfg.max_positions:
-        raise InvalidRequest(f"the sentence is {len(src_ids)} tokens long (EOS included), the model "
-                             f"accepts at most {cfg.max_positions}")
+    check_sources([src_ids], cfg.max_positions, name=lambda _: "the sentence")
     hyp = (greedy_decode_cached(model, [src_ids], opts)[0] if beam_size == 1
            else beam_search(model, src_ids, opts)[0])
     # A hypothesis without EOS used its whole budget; one with EOS stopped before it.
@@ -154,21 +152,14 @@ def main(argv: list[str]) -> int:
                        help="cross-attention PNG (the encoder grid goes to FILE-encoder.png)")
     p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     args = p.parse_args(argv)
-    try:
-        if (args.checkpoint / "manifest.json").is_file():
-            raise AttentionError(f"{args.checkpoint} is an ONNX bundle: attention maps need the PyTorch "
-                                 f"checkpoint (a bundle gives per-token alignments with return_alignments)")
-        if not args.text.strip():
-            raise AttentionError("the source sentence is empty")
-        model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint))
-        maps = attention_maps(model, tokenizer, args.text, args.beam)
-        cross_png, encoder_png = output_paths(args.out, args.out_dir)
-        write_maps(maps, cross_png, encoder_png)
-    except (AttentionError, InvalidRequest, CheckpointError) as e:
-        print(f"nmt attention: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"nmt attention: cannot write {e.filename or 'the PNG'}: {e.strerror or e}", file=sys.stderr)
-        return 1
+    if (args.checkpoint / "manifest.json").is_file():
+        raise AttentionError(f"{args.checkpoint} is an ONNX bundle: attention maps need the PyTorch "
+                             f"checkpoint (a bundle gives per-token alignments with return_alignments)")
+    if not args.text.strip():
+        raise AttentionError("the source sentence is empty")
+    model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint))
+    maps = attention_maps(model, tokenizer, args.text, args.beam)
+    cross_png, encoder_png = output_paths(args.out, args.out_dir)
+    write_maps(maps, cross_png, encoder_png)
     print(f"{maps.translation}\nwrote {cross_png} and {encoder_png}")
     return 0

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
+from nmt.errors import UserError
 
-class AverageError(Exception):
+
+class AverageError(UserError):
     pass
 
 
@@ -50,19 +51,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--last", type=int, default=5, help="how many of the newest step checkpoints")
     p.add_argument("--out", type=Path, required=True, help="averaged checkpoint file")
     args = p.parse_args(argv)
-    from train.checkpoint import CheckpointError, atomic_torch_save
+    from train.checkpoint import atomic_torch_save
 
-    try:
-        if args.last < 1:
-            raise AverageError(f"--last must be >= 1, got {args.last}")
-        paths = step_checkpoints(args.run_dir)
-        if len(paths) < args.last:
-            raise AverageError(f"{args.run_dir}: only {len(paths)} step_*.pt checkpoints, "
-                               f"--last {args.last} asked")
-        paths = paths[-args.last:]
-        atomic_torch_save(average_checkpoints(paths), args.out)
-    except (AverageError, CheckpointError) as e:
-        print(f"nmt average: {e}", file=sys.stderr)
-        return 1
+    if args.last < 1:
+        raise AverageError(f"--last must be >= 1, got {args.last}")
+    paths = step_checkpoints(args.run_dir)
+    if len(paths) < args.last:
+        raise AverageError(f"{args.run_dir}: only {len(paths)} step_*.pt checkpoints, "
+                           f"--last {args.last} asked")
+    paths = paths[-args.last:]
+    atomic_torch_save(average_checkpoints(paths), args.out)
     print(f"{args.out}: average of {', '.join(p.name for p in paths)}")
     return 0

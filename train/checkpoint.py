@@ -15,16 +15,17 @@ from typing import Any
 
 import torch
 
+from nmt.errors import UserError
 from nmt.files import atomic_open
+from nmt.tokenizer import Tokenizer
 from train.config import ModelConfig, model_config_from_dict
 from train.model import Transformer
-from train.tokenizer import Tokenizer
 
 FORMAT = "nmt-checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or is not ours: the message names the file and the reason."""
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nmt.errors import UserError
 from train.config import (
     PRESETS,
     ModelConfig,
@@ -24,7 +24,7 @@ from train.config import (
 from train.data import LANGS, SPLITS
 
 if TYPE_CHECKING:
-    from train.final import FinalSpec
+    from train.final_weights import FinalSpec
 
 FIELD_TYPES = {f.name: str(f.type) for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
 
@@ -173,7 +173,7 @@ def configure(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, list[
 def final_spec(args: argparse.Namespace, tc: TrainConfig) -> FinalSpec:
     """The final report's test set, read before training so a missing file fails fast."""
     from train.data import load_multi30k, read_parallel
-    from train.final import FinalSpec
+    from train.final_weights import FinalSpec
 
     test, name = None, ""
     if args.test_src:
@@ -187,34 +187,27 @@ def final_spec(args: argparse.Namespace, tc: TrainConfig) -> FinalSpec:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from train.checkpoint import CheckpointError
-    from train.data import CorpusError
-    try:
-        mc, tc, errs = configure(args)
-        if args.device == "cuda":
-            import torch
-            if not torch.cuda.is_available():
-                errs.append("--device cuda: no CUDA device is available")
-        if errs:
-            print(f"nmt train: invalid configuration: {'; '.join(errs)}", file=sys.stderr)
-            return 2
-        final = None if args.skip_final else final_spec(args, tc)
-        from train.trainer import RunSpec, Trainer
-        spec = RunSpec(out=args.out, data_dir=args.data_dir, train_src=args.train_src,
-                       train_tgt=args.train_tgt, train_tsv=args.train_tsv, valid_src=args.valid_src,
-                       valid_tgt=args.valid_tgt,
-                       device=args.device, amp=args.amp, resume=args.resume, progress=not args.no_progress)
-        trainer = Trainer(mc, tc, spec)
-        last = trainer.fit()
-    except (CorpusError, CheckpointError) as e:
-        print(f"nmt train: {e}", file=sys.stderr)
-        return 1
+    mc, tc, errs = configure(args)
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            errs.append("--device cuda: no CUDA device is available")
+    if errs:
+        raise UserError(f"invalid configuration: {'; '.join(errs)}")
+    final = None if args.skip_final else final_spec(args, tc)
+    from train.trainer import RunSpec, Trainer
+    spec = RunSpec(out=args.out, data_dir=args.data_dir, train_src=args.train_src,
+                   train_tgt=args.train_tgt, train_tsv=args.train_tsv, valid_src=args.valid_src,
+                   valid_tgt=args.valid_tgt,
+                   device=args.device, amp=args.amp, resume=args.resume, progress=not args.no_progress)
+    trainer = Trainer(mc, tc, spec)
+    last = trainer.fit()
     if not trainer.is_main:
         return 0
     print(f"step {trainer.step}: {last} (best val BLEU {max(trainer.best_bleu, 0.0):.2f}, "
           f"{trainer.tokens_seen} target tokens in {trainer.elapsed / 60:.1f} training minutes)", flush=True)
     if final is not None:
-        from train.final import final_report
+        from train.final_weights import final_report
         summary = {"steps": trainer.step, "training_seconds": round(trainer.elapsed, 3),
                    "target_tokens": trainer.tokens_seen}
         final_report(trainer.model, trainer.tokenizer, args.out, trainer.valid, final, summary,

@@ -10,8 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-# Special ids are fixed for every tokenizer we train, so graphs and engines can rely on them.
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
 @dataclass(frozen=True)

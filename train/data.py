@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from nmt.errors import UserError
 from nmt.files import sha256_file
-from train.config import BOS_ID, EOS_ID, PAD_ID
-from train.tokenizer import Tokenizer
+from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 SPLITS = ("train", "val", "test_2016_flickr")
 LANGS = ("en", "de", "fr")
@@ -37,7 +37,7 @@ MULTI30K_SHA256 = {
 }
 
 
-class CorpusError(Exception):
+class CorpusError(UserError):
     """A corpus we cannot use; the message is one line naming the file (and line) at fault."""
 
 

@@ -18,17 +18,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from serve.types import DecodeOptions, Hypothesis, InvalidRequest, max_new_tokens, normalised_score
+from nmt.decoding import DecodeOptions, Hypothesis, check_sources, max_new_tokens, normalised_score
+from nmt.tokenizer import Tokenizer
 from train.model import Transformer
-from train.tokenizer import Tokenizer
 
 
 def check_source(model: Transformer, src_ids: list[int]) -> None:
-    if not src_ids:
-        raise InvalidRequest("empty source: expected at least the EOS id")
-    if len(src_ids) > model.cfg.max_positions:
-        raise InvalidRequest(f"source has {len(src_ids)} tokens, the model accepts at most "
-                             f"{model.cfg.max_positions}")
+    check_sources([src_ids], model.cfg.max_positions, model.cfg.src_vocab_size, name=lambda _: "the source")
 
 
 def step_log_probs(logits: Tensor, n_generated: int, opts: DecodeOptions, eos_id: int) -> Tensor:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from serve.types import DecodeOptions, InvalidRequest
-from train.data import SPLITS, CorpusError, load_multi30k
+from nmt.decoding import DecodeOptions, InvalidRequest
+from train.data import SPLITS, load_multi30k
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,28 +27,24 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-    from train.final import METRIC, score
+    from train.checkpoint import load_checkpoint, model_from_checkpoint
+    from train.final_weights import METRIC, score
 
-    try:
-        ckpt = load_checkpoint(args.checkpoint)
-        model, tokenizer = model_from_checkpoint(ckpt)
-        meta = ckpt.get("meta", {})
-        src_lang = args.src_lang or meta.get("src_lang", "en")
-        tgt_lang = args.tgt_lang or meta.get("tgt_lang", "de")
-        src, ref = load_multi30k(args.split, src_lang, tgt_lang, args.data_dir)
-        if args.limit is not None and args.limit < 1:
-            raise InvalidRequest(f"--limit must be >= 1, got {args.limit}")
-        src, ref = src[:args.limit], ref[:args.limit]
-        runs = [("greedy", DecodeOptions(length_penalty=args.length_penalty))]
-        if args.beam > 1:
-            beam = DecodeOptions(beam_size=args.beam, length_penalty=args.length_penalty)
-            runs.append((f"beam {args.beam}", beam))
-        for _, opts in runs:
-            opts.validate()
-    except (CheckpointError, CorpusError, InvalidRequest) as e:
-        print(f"nmt evaluate: {e}", file=sys.stderr)
-        return 1
+    ckpt = load_checkpoint(args.checkpoint)
+    model, tokenizer = model_from_checkpoint(ckpt)
+    meta = ckpt.get("meta", {})
+    src_lang = args.src_lang or meta.get("src_lang", "en")
+    tgt_lang = args.tgt_lang or meta.get("tgt_lang", "de")
+    src, ref = load_multi30k(args.split, src_lang, tgt_lang, args.data_dir)
+    if args.limit is not None and args.limit < 1:
+        raise InvalidRequest(f"--limit must be >= 1, got {args.limit}")
+    src, ref = src[:args.limit], ref[:args.limit]
+    runs = [("greedy", DecodeOptions(length_penalty=args.length_penalty))]
+    if args.beam > 1:
+        beam = DecodeOptions(beam_size=args.beam, length_penalty=args.length_penalty)
+        runs.append((f"beam {args.beam}", beam))
+    for _, opts in runs:
+        opts.validate()
     print(f"{args.checkpoint}: step {ckpt.get('step')}, {src_lang}->{tgt_lang}, {args.split}, "
           f"{len(src)} sentences, {torch.get_num_threads()} CPU threads")
     hyps: list[str] = []

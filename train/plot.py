@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
+
+from nmt.errors import UserError
 
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
@@ -26,7 +27,7 @@ CURVES = [
 ]
 
 
-class PlotError(Exception):
+class PlotError(UserError):
     pass
 
 
@@ -119,11 +120,7 @@ def main_plot(argv: list[str]) -> int:
                    help="x axis: optimizer steps or training minutes")
     args = p.parse_args(argv)
     out = args.out or args.run_dir / "curves.png"
-    try:
-        panels = plot_run(args.run_dir, out, args.x)
-    except (PlotError, OSError) as e:
-        print(f"nmt plot: {e}", file=sys.stderr)
-        return 1
+    panels = plot_run(args.run_dir, out, args.x)
     print(f"wrote {out} ({', '.join(panels)})")
     return 0
 
@@ -135,13 +132,8 @@ def main_positional(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, default=Path("positional.png"))
     args = p.parse_args(argv)
     if args.dim <= 0 or args.dim % 2 or args.length <= 0:
-        print("nmt positional: --dim must be a positive even number and --length positive", file=sys.stderr)
-        return 2
-    try:
-        positional_figure(args.dim, args.length, args.out)
-    except OSError as e:
-        print(f"nmt positional: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        raise PlotError("--dim must be a positive even number and --length positive")
+    positional_figure(args.dim, args.length, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -24,14 +24,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from nmt.decoding import DecodeOptions
 from nmt.files import atomic_write_bytes
-from serve.types import DecodeOptions
+from nmt.tokenizer import Tokenizer
 from train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from train.config import ModelConfig, TrainConfig
 from train.data import Batch, BatchStream, encode_pairs, eval_batches, load_multi30k, read_parallel, read_tsv
 from train.decode import translate
 from train.model import Transformer
-from train.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

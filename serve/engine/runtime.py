@@ -1,0 +1,260 @@
+"""ONNX Runtime sessions for a bundle: providers, IO binding and a device-resident decoder cache.
+
+Every run goes through IO binding, on every provider. The K/V cache, the cross-attention K/V
+and the encoder mask are OrtValues living on the session's device (GPU memory on CUDA): a
+step's `present` is fed back as the next step's `past` without touching the host, and beam
+reordering / dropping finished rows runs the bundle's reorder graph on that same device.
+Only each step's top-k values and indices are bound to host memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeAlias
+
+import numpy as np
+import onnxruntime as ort
+
+from nmt import bundle as fmt
+from nmt.bundle import BundleError, Manifest
+from nmt.errors import UserError
+
+GRAPH_OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
+NUMPY_DTYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+Feed: TypeAlias = "np.ndarray | ort.OrtValue"  # a host array or a (device) OrtValue
+
+
+class DeviceError(UserError, RuntimeError):
+    """The requested device cannot be used (e.g. device='cuda' on a machine without a usable GPU)."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where sessions run and the cache lives, in IO binding terms ('cpu' or 'cuda', id)."""
+
+    type: str
+    id: int = 0
+
+    @property
+    def provider(self) -> str:
+        return CUDA_EP if self.type == "cuda" else CPU_EP
+
+
+def cuda_driver_present() -> bool:
+    """True when an NVIDIA driver is loadable. onnxruntime-gpu lists the CUDA provider on every
+    machine, so the provider list alone cannot tell a GPU host from a CPU-only one."""
+    if CUDA_EP not in ort.get_available_providers():
+        return False
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def requested_device(device: str) -> Device | None:
+    """Parse 'auto' | 'cpu' | 'cuda' | 'cuda:N'; None means auto (CUDA when usable, else CPU)."""
+    if device == "auto":
+        return None
+    if device == "cpu":
+        return Device("cpu")
+    if device == "cuda" or device.startswith("cuda:"):
+        index = device.partition(":")[2] or "0"
+        if not index.isdigit():
+            raise DeviceError(f"invalid device {device!r}: expected cuda or cuda:N")
+        return Device("cuda", int(index))
+    raise DeviceError(f"invalid device {device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def session_options(intra_op_threads: int | None, inter_op_threads: int | None,
+                    graph_optimization: str) -> ort.SessionOptions:
+    if graph_optimization not in GRAPH_OPTIMIZATION:
+        raise ValueError(f"graph_optimization must be one of {', '.join(GRAPH_OPTIMIZATION)}, "
+                         f"got {graph_optimization!r}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
+    if intra_op_threads is not None:
+        so.intra_op_num_threads = intra_op_threads
+    if inter_op_threads is not None:
+        so.inter_op_num_threads = inter_op_threads
+    so.log_severity_level = 3  # warnings about unused initializers etc. are noise for a server
+    return so
+
+
+def providers_for(device: Device) -> list:
+    if device.type == "cuda":
+        # The CPU provider stays as a fallback for the few ops CUDA lacks (shape arithmetic).
+        return [(CUDA_EP, {"device_id": device.id}), CPU_EP]
+    return [CPU_EP]
+
+
+class Graph:
+    """One ONNX graph: runs it through IO binding, host arrays in, outputs where asked."""
+
+    def __init__(self, path: Path, options: ort.SessionOptions, device: Device, expected_inputs: list[str]):
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options,
+                                                providers=providers_for(device))
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
+            raise BundleError(f"{path}: cannot be loaded by ONNX Runtime ({type(e).__name__}: {e})") from None
+        self.device = device
+        names = [i.name for i in self.session.get_inputs()]
+        missing = [n for n in expected_inputs if n not in names]
+        if missing:
+            raise BundleError(f"{path}: graph lacks inputs {', '.join(missing)}")
+        self.input_types = {i.name: i.type for i in self.session.get_inputs()}
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def run(self, feeds: dict[str, Feed], device_outputs: list[str], host_outputs: Sequence[str] = ()
+            ) -> dict[str, ort.OrtValue]:
+        """Bind feeds (OrtValues stay where they are, arrays are copied in by ORT), run, and return
+        `device_outputs` as OrtValues on the session's device and `host_outputs` in host memory."""
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, value)
+        for name in device_outputs:
+            binding.bind_output(name, self.device.type, self.device.id)
+        for name in host_outputs:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        if host_outputs and self.device.type != "cpu":
+            binding.synchronize_outputs()  # the host copies must be complete before numpy reads them
+        return dict(zip([*device_outputs, *host_outputs], binding.get_outputs()))
+
+
+class Runtime:
+    """The bundle's three graphs on one device, plus the decoder-step counter."""
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, device: str = "auto",
+                 intra_op_threads: int | None = None, inter_op_threads: int | None = None,
+                 graph_optimization: str = "all"):
+        options = session_options(intra_op_threads, inter_op_threads, graph_optimization)
+        wanted = requested_device(device)
+        self.device = wanted or (Device("cuda") if cuda_driver_present() else Device("cpu"))
+        n = self.n_layers = manifest.n_decoder_layers
+        encoder_inputs = [fmt.INPUT_IDS, fmt.ATTENTION_MASK]
+        self.encoder = Graph(bundle_dir / fmt.ENCODER_FILE, options, self.device, encoder_inputs)
+        if self.device.type == "cuda" and self.encoder.provider != CUDA_EP:
+            # ORT falls back to CPU silently when the CUDA libraries fail to load.
+            if wanted is not None:
+                raise DeviceError(f"device={device!r} requested but ONNX Runtime could not start CUDA "
+                                  f"(providers: {self.encoder.session.get_providers()})")
+            self.device = Device("cpu")
+            self.encoder = Graph(bundle_dir / fmt.ENCODER_FILE, options, self.device, encoder_inputs)
+        self.decoder = Graph(bundle_dir / fmt.DECODER_FILE, options, self.device, fmt.decoder_input_names(n))
+        self.reorder = Graph(bundle_dir / fmt.REORDER_FILE, options, self.device, fmt.reorder_input_names(n))
+        past_type = self.decoder.input_types[fmt.past_name(0, "decoder", "key")]
+        self.cache_dtype = NUMPY_DTYPE.get(past_type, np.float32)
+        # Alignments need their own graph (a bundle without it serves everything else). It loads on
+        # the first request that asks for alignments: a server that never does pays no memory for it.
+        self.has_alignments = fmt.DECODER_ALIGNMENTS_FILE in manifest.files
+        self._alignments_path, self._options = bundle_dir / fmt.DECODER_ALIGNMENTS_FILE, options
+        self._decoder_alignments: Graph | None = None
+        self._load_lock = threading.Lock()
+        self.n_heads, self.head_dim = manifest.n_heads, manifest.head_dim
+        self.steps = 0
+        self._steps_lock = threading.Lock()
+
+    @property
+    def provider(self) -> str:
+        return self.encoder.provider
+
+    @property
+    def decoder_alignments(self) -> Graph:
+        with self._load_lock:
+            if self._decoder_alignments is None:
+                self._decoder_alignments = Graph(self._alignments_path, self._options, self.device,
+                                                 fmt.decoder_input_names(self.n_layers))
+            return self._decoder_alignments
+
+    def count_step(self) -> None:
+        with self._steps_lock:
+            self.steps += 1
+
+    def to_device(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device.type, self.device.id)
+
+    def start(self, src_ids: np.ndarray, src_mask: np.ndarray) -> DecoderCache:
+        """Encode a padded batch (B, S) and return its decoder state: cross K/V on device, empty past."""
+        n = self.n_layers
+        cross_out = [fmt.present_name(i, "encoder", w) for i in range(n) for w in ("key", "value")]
+        out = self.encoder.run({fmt.INPUT_IDS: src_ids, fmt.ATTENTION_MASK: src_mask}, cross_out)
+        cache = {fmt.past_name(i, "encoder", w): out[fmt.present_name(i, "encoder", w)]
+                 for i in range(n) for w in ("key", "value")}
+        # The first step's past is empty; a zero-size host array binds on every provider (ORT
+        # copies its zero bytes), from then on each step's present stays on the device.
+        shape = (src_ids.shape[0], self.n_heads, 0, self.head_dim)
+        empty = np.zeros(shape, self.cache_dtype)  # (B, H, 0, Dh)
+        for i in range(n):
+            for w in ("key", "value"):
+                cache[fmt.past_name(i, "decoder", w)] = empty
+        cache[fmt.ENCODER_ATTENTION_MASK] = self.to_device(src_mask)
+        return DecoderCache(self, cache, src_ids.shape[0])
+
+
+class DecoderCache:
+    """The running batch's device-resident decoder state; the search drives it row by row.
+
+    Every row of the batch is at the same target position (all rows start together with BOS),
+    so positions are one number and the self-attention mask is all True.
+    """
+
+    def __init__(self, runtime: Runtime, cache: dict[str, Feed], rows: int):
+        self.runtime, self.cache, self.rows, self.position = runtime, cache, rows, 0
+        # A decoder layer index (negative from the end): set, every step also fetches that layer's
+        # head-averaged cross-attention and keeps its argmax per row. None: a normal step.
+        self.alignment_layer: int | None = None
+        self.alignment: np.ndarray | None = None  # (R,) last step's most attended source index per row
+        n = runtime.n_layers
+        self.self_pairs = [(fmt.present_name(i, "decoder", w), fmt.past_name(i, "decoder", w))
+                           for i in range(n) for w in ("key", "value")]
+
+    def step(self, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Feed one token per row (R,) and return the k best next tokens: values, ids (R, k)."""
+        rt, R, t = self.runtime, self.rows, self.position
+        feeds: dict[str, Feed] = dict(self.cache)
+        feeds[fmt.INPUT_IDS] = tokens.astype(np.int64).reshape(R, 1)  # (R, 1)
+        feeds[fmt.POSITION_IDS] = np.full((R, 1), t, dtype=np.int64)  # (R, 1)
+        feeds[fmt.SELF_ATTENTION_MASK] = np.ones((R, 1, t + 1), dtype=bool)  # (R, 1, t+1)
+        feeds[fmt.TOP_K] = np.array([k], dtype=np.int64)
+        presents = [present for present, _ in self.self_pairs]
+        host = [fmt.TOPK_VALUES, fmt.TOPK_INDICES]
+        if self.alignment_layer is not None:
+            host.append(fmt.CROSS_ATTENTION)  # only then: a normal step never copies it to the host
+        # The engine refuses alignments for a bundle without their graph before a step runs.
+        graph = rt.decoder_alignments if self.alignment_layer is not None else rt.decoder
+        out = graph.run(feeds, presents, host)
+        rt.count_step()
+        if self.alignment_layer is not None:
+            attn = out[fmt.CROSS_ATTENTION].numpy()[:, self.alignment_layer, -1, :]  # (R, S)
+            self.alignment = attn.argmax(axis=-1)  # (R,) padded sources get ~0 weight
+        for present, past in self.self_pairs:
+            self.cache[past] = out[present]  # the cache never leaves the device
+        self.position = t + 1
+        return out[fmt.TOPK_VALUES].numpy(), out[fmt.TOPK_INDICES].numpy()
+
+    def keep(self, rows: np.ndarray) -> None:
+        """New batch row j = old row rows[j]: reorders beams, duplicates, and drops finished rows."""
+        names = list(self.cache)
+        feeds: dict[str, Feed] = {fmt.REORDER_INDEX: rows.astype(np.int64)}
+        feeds.update(self.cache)
+        out = self.runtime.reorder.run(feeds, [fmt.REORDERED_PREFIX + n for n in names])
+        self.cache = {n: out[fmt.REORDERED_PREFIX + n] for n in names}
+        self.rows = len(rows)

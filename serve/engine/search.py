@@ -1,0 +1,223 @@
+"""Greedy and beam search over a batch of sources, on top of a step function.
+
+The search never sees the model: it drives a `StepCache` (serve.engine.runtime.DecoderCache) that
+runs one decoder step for every row of the running batch and returns only the top-k of each
+row, and that reorders / drops rows on the device. The rules are the shared decoding semantics
+of train/decode.py (the reference these functions must match token for token):
+float32 log-prob sums, EOS masked below min_length, GNMT length normalisation, and the beam
+walk over the 2k best candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from nmt.decoding import DecodeOptions, Hypothesis, normalised_score
+
+
+class StepCache(Protocol):
+    rows: int
+    alignment: np.ndarray | None  # (R,) after a step: most attended source index per row, when asked
+
+    def step(self, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def keep(self, rows: np.ndarray) -> None: ...
+
+
+def hypothesis(tokens: list[int], log_prob: np.float32, ended: bool, opts: DecodeOptions,
+               alignment: list[int] | None = None) -> Hypothesis:
+    lp = float(log_prob)
+    return Hypothesis(text="", tokens=tokens, log_prob=lp, alignment=alignment,
+                      score=normalised_score(lp, len(tokens) + int(ended), opts.length_penalty))
+
+
+def reorder(cache: StepCache, index: list[int]) -> None:
+    """Apply a row selection unless it is the identity (then the cache is already right)."""
+    if len(index) != cache.rows or index != list(range(cache.rows)):
+        cache.keep(np.asarray(index, dtype=np.int64))
+
+
+def greedy_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos: int, eos: int,
+                  stopped: Callable[[int], bool], compaction: bool = True) -> list[Hypothesis | None]:
+    """Argmax decoding of every row; a row whose `stopped(i)` turns true gets None.
+
+    With compaction, rows that finished (or were stopped) leave the running batch before the
+    next step; without it they keep being fed (their outputs unused), which must not change
+    anyone's result.
+    """
+    n = len(budgets)
+    budget = np.asarray(budgets, dtype=np.int64)  # (N,)
+    out = np.zeros((n, max(budgets, default=0)), dtype=np.int64)  # (N, T) generated ids, EOS excluded
+    align = np.zeros_like(out)  # (N, T) most attended source index of each generated id
+    length = np.zeros(n, dtype=np.int64)  # (N,)
+    log_prob = np.zeros(n, dtype=np.float32)  # (N,) float32 sums, as the reference accumulates
+    ended, cancelled = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)  # (N,)
+    done = budget <= 0  # (N,)
+    rows = np.arange(n)  # (R,) the item held by each cache row
+    feed = np.full(n, bos, dtype=np.int64)  # (R,) next input token per cache row
+    step = 0
+    while True:
+        for i in rows[~done[rows]].tolist():
+            if stopped(i):
+                done[i] = cancelled[i] = True
+        live = ~done[rows]  # (R,)
+        if not live.any():
+            break
+        if compaction and not live.all():
+            keep = np.flatnonzero(live)
+            cache.keep(keep)
+            rows, feed, live = rows[keep], feed[keep], live[keep]
+        eos_banned = step < opts.min_length
+        # Below min_length the second best stands in for a banned EOS, so ask for two.
+        values, ids = cache.step(feed, 2 if eos_banned else 1)  # (R, k)
+        choice = ((ids[:, 0] == eos) & eos_banned).astype(np.int64)  # (R,) column of the pick
+        r = np.arange(len(rows))
+        picked = ids[r, choice]  # (R,)
+        items, token = rows[live], picked[live]  # rows still decoding (without compaction: a subset)
+        log_prob[items] += values[r, choice][live]
+        is_eos = token == eos
+        ended[items[is_eos]] = True
+        grow = items[~is_eos]
+        out[grow, length[grow]] = token[~is_eos]
+        if opts.return_alignments and cache.alignment is not None:
+            align[grow, length[grow]] = cache.alignment[live][~is_eos]
+        length[grow] += 1
+        done[items] = is_eos | (length[items] >= budget[items])
+        feed = picked
+        step += 1
+    return [None if cancelled[i] else hypothesis(
+                out[i, :length[i]].tolist(), log_prob[i], ended[i], opts,
+                align[i, :length[i]].tolist() if opts.return_alignments else None)
+            for i in range(n)]
+
+
+@dataclass
+class Beam:
+    """One source's beam search state: live hypotheses (prefixes + float32 sums) and finished ones."""
+
+    budget: int
+    live: list[list[int]] = field(default_factory=lambda: [[]])  # step 0: a single BOS hypothesis
+    live_align: list[list[int]] = field(default_factory=lambda: [[]])  # alignments of the live prefixes
+    live_lp: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.float32))  # (N,)
+    parents: list[int] = field(default_factory=list)  # cache rows the live beams continue from
+    finished: list[Hypothesis] = field(default_factory=list)
+    done: bool = False
+    cancelled: bool = False
+
+
+def candidates(values: np.ndarray, ids: np.ndarray, beam: Beam, k: int, eos: int, eos_banned: bool
+               ) -> list[tuple[np.float32, int, int]]:
+    """The 2k best (cumulative log-prob, live index, token) of one source, best first.
+
+    values/ids (N, K) come best first per row (lower id first among equal values, as ONNX TopK
+    orders them); each row contributes its 2k best tokens, EOS excluded while it is banned.
+    """
+    n_top = min(2 * k, ids.shape[1] - eos_banned)
+    if eos_banned:
+        keep = ids != eos  # (N, K): at most one False per row
+        # Rows whose top-K missed EOS drop their last entry instead, so every row keeps K - 1.
+        keep[keep.all(axis=1), -1] = False
+        values = values[keep].reshape(len(ids), -1)  # (N, K-1)
+        ids = ids[keep].reshape(len(ids), -1)  # (N, K-1)
+    cum = (beam.live_lp[:, None] + values[:, :n_top]).ravel()  # (N*2k,) float32, as the reference sums
+    flat_ids = ids[:, :n_top].ravel()  # (N*2k,)
+    live_idx = np.repeat(np.arange(len(ids)), n_top)  # (N*2k,)
+    order = np.lexsort((flat_ids, live_idx, -cum))[:2 * k]
+    return list(zip(cum[order], live_idx[order].tolist(), flat_ids[order].tolist()))
+
+
+def advance(beam: Beam, values: np.ndarray, ids: np.ndarray, first_row: int, step: int,
+            opts: DecodeOptions, eos: int, aligns: np.ndarray | None = None) -> None:
+    """One beam step of one source from its rows' top-k (first_row = its first cache row);
+    aligns (N,), when alignments are on, is each row's most attended source index."""
+    k = opts.beam_size
+    next_live: list[list[int]] = []
+    next_align: list[list[int]] = []
+    next_lp: list[np.float32] = []
+    parents: list[int] = []
+    for rank, (score, i, token) in enumerate(candidates(values, ids, beam, k, eos, step < opts.min_length)):
+        if token == eos:
+            if rank < k:
+                beam.finished.append(hypothesis(beam.live[i], score, True, opts, alignment_of(beam, i, opts)))
+        elif len(next_live) < k:
+            next_live.append(beam.live[i] + [token])
+            if aligns is not None:
+                next_align.append(beam.live_align[i] + [int(aligns[i])])
+            next_lp.append(score)
+            parents.append(first_row + i)
+    if len(beam.finished) >= k:
+        beam.done = True  # k finished: the live beams are discarded
+        return
+    beam.live, beam.live_lp, beam.parents = next_live, np.array(next_lp, dtype=np.float32), parents
+    beam.live_align = next_align
+    if step + 1 >= beam.budget:
+        finish_live(beam, opts)
+
+
+def finish_live(beam: Beam, opts: DecodeOptions) -> None:
+    """Length budget spent: the live beams are finished as they are, without EOS."""
+    for i, (tokens, lp) in enumerate(zip(beam.live, beam.live_lp)):
+        beam.finished.append(hypothesis(tokens, lp, False, opts, alignment_of(beam, i, opts)))
+    beam.done = True
+
+
+def alignment_of(beam: Beam, i: int, opts: DecodeOptions) -> list[int] | None:
+    return list(beam.live_align[i]) if opts.return_alignments else None
+
+
+def beam_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos: int, eos: int, vocab: int,
+                stopped: Callable[[int], bool], compaction: bool = True) -> list[list[Hypothesis] | None]:
+    """Beam search of every source of the batch at once; each source's beams are contiguous rows.
+
+    Every step ends with one reorder of the cache that both moves beams to their parents' rows
+    and (with compaction) drops the rows of finished or stopped sources.
+    """
+    k = opts.beam_size
+    beams = [Beam(budget=b, parents=[i]) for i, b in enumerate(budgets)]
+    for beam in beams:
+        if beam.budget <= 0:
+            finish_live(beam, opts)
+    spans = {i: (i, 1) for i in range(len(beams))}  # item -> (first row, rows) in the cache now
+    step = 0
+    while True:
+        for i, beam in enumerate(beams):
+            if not beam.done and stopped(i):
+                beam.done = beam.cancelled = True
+        active = [i for i in spans if not beams[i].done]
+        if not active:
+            break
+        # The next layout: each live source's beams continue from their parents' rows; without
+        # compaction finished sources keep their rows (fed, results unused).
+        kept = [i for i in spans if compaction is False or not beams[i].done]
+        index: list[int] = []
+        feed: list[int] = []
+        new_spans = {}
+        for i in kept:
+            beam = beams[i]
+            src_rows = beam.parents if not beam.done else list(range(spans[i][0], spans[i][0] + spans[i][1]))
+            new_spans[i] = (len(index), len(src_rows))
+            index += src_rows
+            feed += [eos] * len(src_rows) if beam.done else [t[-1] if t else bos for t in beam.live]
+        reorder(cache, index)
+        spans = new_spans
+        n_request = min(2 * k + (step < opts.min_length), vocab)
+        values, ids = cache.step(np.asarray(feed, dtype=np.int64), n_request)  # (R, K)
+        for i in active:
+            start, count = spans[i]
+            aligns = (cache.alignment[start:start + count]  # (count,)
+                      if opts.return_alignments and cache.alignment is not None else None)
+            advance(beams[i], values[start:start + count], ids[start:start + count], start, step, opts, eos,
+                    aligns)
+        step += 1
+    results: list[list[Hypothesis] | None] = []
+    for beam in beams:
+        if beam.cancelled:
+            results.append(None)
+            continue
+        ranked = sorted(beam.finished, key=lambda h: -h.score)  # stable: earlier finished first on ties
+        results.append(ranked[:opts.n_best])
+    return results

@@ -1,0 +1,212 @@
+"""The translation engine: a bundle on ONNX Runtime, greedy and beam search, batched.
+
+    translator = Translator.from_bundle("bundles/en-de", EngineConfig(device="auto"))
+    translator.translate(["A man is riding a bike."], DecodeOptions(beam_size=4))
+
+Requests are tokenized, sorted by length and packed into batches under a token budget; each
+batch is encoded once and decoded step by step with the cache on the device (serve.engine.runtime),
+finished and stopped rows leaving the running batch as they end. Results come back in input
+order. Plain dataclasses in and out (nmt.decoding): no protobuf, no torch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nmt.bundle import TOKENIZER_FILE, Manifest, read_manifest
+from nmt.decoding import (
+    Cancelled,
+    DecodeOptions,
+    Hypothesis,
+    InvalidRequest,
+    StopSignal,
+    TranslationResult,
+    check_sources,
+    max_new_tokens,
+)
+from nmt.tokenizer import Tokenizer
+from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS, pack_by_tokens
+from serve.engine.runtime import Runtime
+from serve.engine.search import beam_search, greedy_search
+
+GREEDY = DecodeOptions()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How a bundle is loaded and run; the defaults suit a server."""
+
+    device: str = "auto"  # auto: CUDA when a GPU is usable, else CPU; or "cpu" / "cuda"
+    intra_op_threads: int | None = None  # ONNX Runtime's default: one per physical core
+    inter_op_threads: int | None = None
+    graph_optimization: str = "all"  # disable | basic | extended | all (ORT optimizer levels)
+    warmup: bool = True  # one short decode at load, so the first request pays no allocations
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # padded source tokens x beam per batch
+    compaction: bool = True  # drop finished rows from the running batch (off only to test that it is exact)
+    alignment_layer: int = -1  # decoder layer whose head-averaged cross-attention gives alignments
+
+    def errors(self, n_decoder_layers: int) -> list[str]:
+        errs = []
+        if self.max_batch_tokens <= 0:
+            errs.append(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
+        n = n_decoder_layers
+        if not -n <= self.alignment_layer < n:
+            errs.append(f"alignment_layer must be in [{-n}, {n}) for {n} decoder layers, "
+                        f"got {self.alignment_layer}")
+        return errs
+
+
+class Translator:
+    """One loaded bundle. Thread-safe: stop signals may be set from any thread while a worker
+    thread runs `translate_ids`; sessions are shared, all decoding state is per call."""
+
+    def __init__(self, runtime: Runtime, manifest: Manifest, tokenizer: Tokenizer,
+                 config: EngineConfig = EngineConfig()):
+        errs = config.errors(manifest.n_decoder_layers)
+        if errs:
+            raise ValueError("; ".join(errs))
+        self.config = config
+        self.alignment_layer = config.alignment_layer
+        self.runtime, self.manifest, self.tokenizer = runtime, manifest, tokenizer
+        self.max_batch_tokens = config.max_batch_tokens
+        self.compaction = config.compaction
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, config: EngineConfig = EngineConfig()) -> Translator:
+        """Verify the bundle (format version, files, checksums: BundleError otherwise) and load it."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        c = config
+        runtime = Runtime(path, manifest, c.device, c.intra_op_threads, c.inter_op_threads,
+                          c.graph_optimization)
+        translator = cls(runtime, manifest, Tokenizer.load(path / TOKENIZER_FILE), config)
+        if c.warmup:
+            translator.warmup()
+        return translator
+
+    # -- what the bundle is -------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def src_lang(self) -> str:
+        return self.manifest.src_lang
+
+    @property
+    def tgt_lang(self) -> str:
+        return self.manifest.tgt_lang
+
+    @property
+    def provider(self) -> str:
+        """The ONNX Runtime provider the graphs run on, e.g. CUDAExecutionProvider."""
+        return self.runtime.provider
+
+    @property
+    def device(self) -> str:
+        return self.runtime.device.type
+
+    @property
+    def max_source_tokens(self) -> int:
+        """Longest accepted source, its EOS included."""
+        return self.manifest.max_positions
+
+    @property
+    def steps(self) -> int:
+        """Decoder steps run so far (warm-up included): one per token position per running batch."""
+        return self.runtime.steps
+
+    def warmup(self) -> None:
+        """One short greedy and beam decode, so the first request does not pay for allocations."""
+        eos = self.manifest.eos_id
+        self.translate_ids([[eos]], DecodeOptions(max_length_a=0, max_length_b=2))
+        self.translate_ids([[eos]], DecodeOptions(beam_size=2, max_length_a=0, max_length_b=2))
+
+    # -- requests -----------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Source ids of each text, EOS appended (the model's input convention)."""
+        # One call per text: SentencePiece's batch call starts a thread pool each time, which
+        # costs more than encoding a request's few sentences.
+        return [self.tokenizer.encode(text) + [self.manifest.eos_id] for text in texts]
+
+    def check_sources(self, sources: list[list[int]]) -> None:
+        check_sources(sources, self.max_source_tokens, self.manifest.vocab_size, model=self.name)
+
+    def translate(self, texts: list[str], options: DecodeOptions = GREEDY,
+                  stop: StopSignal | None = None) -> list[TranslationResult]:
+        """Translate texts (input order kept); raises Cancelled when `stop` is set mid-way."""
+        options.validate()
+        if isinstance(texts, str):
+            raise InvalidRequest("texts must be a list of strings, not one string")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InvalidRequest(f"text {i} is {type(text).__name__}, expected str")
+        sources = self.tokenize(texts)
+        check_sources(sources, self.max_source_tokens, model=self.name, name="text {}".format)
+        results = []
+        for h, s in zip(self.translate_ids(sources, options, [stop] * len(sources)), sources):
+            if h is None:
+                raise Cancelled("translation stopped before it finished")
+            results.append(TranslationResult(hypotheses=h, source_tokens=len(s)))
+        return results
+
+    def translate_ids(self, sources: list[list[int]], options: DecodeOptions = GREEDY,
+                      stops: list[StopSignal | None] | None = None,
+                      max_batch_tokens: int | None = None) -> list[list[Hypothesis] | None]:
+        """Token-level entry: n_best hypotheses per source (with text), or None for a source whose
+        stop signal was set (it leaves the running batch at the next step, the others go on)."""
+        options.validate()
+        if options.return_alignments and not self.runtime.has_alignments:
+            raise InvalidRequest(f"model {self.name!r} was exported without the cross_attention output: "
+                                 f"re-export it to get alignments")
+        self.check_sources(sources)
+        stops = list(stops) if stops is not None else [None] * len(sources)
+        if len(stops) != len(sources):
+            raise InvalidRequest(f"{len(stops)} stop signals for {len(sources)} sources")
+        budget = max_batch_tokens or self.max_batch_tokens
+        results: list[list[Hypothesis] | None] = [None] * len(sources)
+        for batch in pack_by_tokens([len(s) for s in sources], budget, options.beam_size):
+            for i, hyps in zip(batch, self.decode_batch([sources[i] for i in batch], options,
+                                                        [stops[i] for i in batch])):
+                results[i] = hyps
+        return results
+
+    def decode_batch(self, sources: list[list[int]], options: DecodeOptions,
+                     stops: list[StopSignal | None]) -> list[list[Hypothesis] | None]:
+        """Encode one packed batch and search it; sources already stopped cost nothing."""
+        def stopped(i: int) -> bool:
+            s = stops[i]
+            return s is not None and s.stopped(time.monotonic())
+
+        live = [i for i in range(len(sources)) if not stopped(i)]
+        out: list[list[Hypothesis] | None] = [None] * len(sources)
+        if not live:
+            return out
+        m = self.manifest
+        lengths = np.array([len(sources[i]) for i in live])  # (B,)
+        S = int(lengths.max())
+        src = np.full((len(live), S), m.pad_id, dtype=np.int64)  # (B, S)
+        for r, i in enumerate(live):
+            src[r, :len(sources[i])] = sources[i]
+        src_mask = np.arange(S)[None, :] < lengths[:, None]  # (B, S)
+        cache = self.runtime.start(src, src_mask)
+        if options.return_alignments:
+            cache.alignment_layer = self.alignment_layer
+        budgets = [max_new_tokens(int(n), options, m.max_positions) for n in lengths]
+        row_stopped = lambda r: stopped(live[r])  # noqa: E731 - search rows -> batch indices
+        if options.beam_size == 1:
+            found = [None if h is None else [h] for h in greedy_search(
+                cache, budgets, options, m.bos_id, m.eos_id, row_stopped, self.compaction)]
+        else:
+            found = beam_search(cache, budgets, options, m.bos_id, m.eos_id, m.vocab_size, row_stopped,
+                                self.compaction)
+        for r, hyps in enumerate(found):
+            if hyps is not None:
+                for h in hyps:
+                    h.text = self.tokenizer.decode(h.tokens)
+            out[live[r]] = hyps
+        return out

@@ -1,0 +1,60 @@
+"""Prometheus metrics of the translation server, on their own registry (several servers per process work).
+
+    rate(nmt_requests_total[1m]) by code       requests per second by status code
+    nmt_request_seconds                        end-to-end latency per RPC
+    nmt_queue_seconds / nmt_compute_seconds    time a text waited for a batch / a batch's engine time
+    nmt_batch_texts / nmt_batch_tokens         batch sizes the scheduler formed
+    rate(nmt_generated_tokens_total[1m])       tokens/s out (nmt_source_tokens_total: in)
+    nmt_queue_depth                            texts waiting per model
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("nmt_requests", "RPCs (stream items: one each) by method, model, status code",
+                                ["method", "model", "code"], registry=r)
+        self.latency = Histogram("nmt_request_seconds", "RPC latency, arrival to answer", ["method"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("nmt_queue_seconds", "Time a text waited for its batch",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_time = Histogram("nmt_compute_seconds", "Engine time of one batch", ["model"],
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_texts = Histogram("nmt_batch_texts", "Texts per engine batch", ["model"],
+                                     buckets=SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram("nmt_batch_tokens", "Source tokens per engine batch", ["model"],
+                                      buckets=SIZE_BUCKETS, registry=r)
+        self.source_tokens = Counter("nmt_source_tokens", "Source tokens translated", ["model"], registry=r)
+        self.generated_tokens = Counter("nmt_generated_tokens", "Target tokens generated (best hypotheses)",
+                                        ["model"], registry=r)
+        self.queue_depth = Gauge("nmt_queue_depth", "Texts waiting for the engine", ["model"], registry=r)
+
+    def request_done(self, method: str, model: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, model, code).inc()
+        self.latency.labels(method).observe(seconds)
+
+    def batch_done(self, model: str, *, rows: int, tokens: int, queue_seconds: list[float],
+                   compute_seconds: float, generated: int) -> None:
+        for s in queue_seconds:
+            self.queue_time.labels(model).observe(s)
+        self.compute_time.labels(model).observe(compute_seconds)
+        self.batch_texts.labels(model).observe(rows)
+        self.batch_tokens.labels(model).observe(tokens)
+        self.source_tokens.labels(model).inc(tokens)
+        self.generated_tokens.labels(model).inc(generated)
+
+    def set_queue_depth(self, model: str, texts: int) -> None:
+        self.queue_depth.labels(model).set(texts)
+
+    def serve_http(self, port: int, host: str = "0.0.0.0"):
+        """Expose /metrics over HTTP; returns the HTTP server (`.server_port`, `.shutdown()`)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server

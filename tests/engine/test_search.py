@@ -1,0 +1,114 @@
+"""Greedy and beam search against a fake step cache: a tiny deterministic 'model' in numpy.
+
+The fake's next-token log-probabilities depend on the row's source and its last token, so the
+search's bookkeeping (budgets, min_length, EOS, compaction, reorders, stops) can be checked
+against a plain loop without ONNX Runtime or torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nmt.decoding import DecodeOptions, normalised_score
+from serve.engine.search import beam_search, greedy_search
+
+BOS, EOS, V = 2, 3, 12
+
+
+def log_probs(source: int, last: int) -> np.ndarray:
+    """A fixed random distribution per (source, last token), float32 like the engine's."""
+    rng = np.random.default_rng(source * 1000 + last)
+    logits = rng.normal(size=V).astype(np.float32) * 3
+    logits[EOS] += 1.0 if last > 6 else -1.0
+    logits[[0, 1, BOS]] = -1e9  # pad, unk and bos are never generated
+    return (logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()).astype(np.float32)
+
+
+class FakeCache:
+    """StepCache over the fake model; tracks which source each row belongs to."""
+
+    def __init__(self, sources: list[int]):
+        self.source = np.asarray(sources)
+        self.rows = len(sources)
+        self.alignment = None
+        self.steps: list[int] = []  # rows fed at each step
+
+    def step(self, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        assert len(tokens) == self.rows
+        self.steps.append(self.rows)
+        lp = np.stack([log_probs(int(s), int(t)) for s, t in zip(self.source, tokens)])  # (R, V)
+        ids = np.argsort(-lp, axis=1, kind="stable")[:, :k]  # (R, k)
+        return np.take_along_axis(lp, ids, axis=1), ids
+
+    def keep(self, rows: np.ndarray) -> None:
+        self.source = self.source[rows]
+        self.rows = len(rows)
+
+
+def reference_greedy(source: int, budget: int, opts: DecodeOptions) -> tuple[list[int], float]:
+    tokens, total, last = [], np.float32(0), BOS
+    for step in range(budget):
+        lp = log_probs(source, last).copy()
+        if step < opts.min_length:
+            lp[EOS] = -np.inf
+        t = int(np.argmax(lp))
+        total = np.float32(total + lp[t])
+        if t == EOS:
+            return tokens, float(total)
+        tokens.append(t)
+        last = t
+    return tokens, float(total)
+
+
+@pytest.mark.parametrize("min_length", [0, 4])
+@pytest.mark.parametrize("compaction", [True, False])
+def test_greedy_equals_a_plain_loop(min_length, compaction):
+    sources, budgets = list(range(20)), [3 + (i * 7) % 11 for i in range(20)]
+    opts = DecodeOptions(min_length=min_length)
+    found = greedy_search(FakeCache(sources), budgets, opts, BOS, EOS, lambda i: False, compaction)
+    for s, b, h in zip(sources, budgets, found):
+        tokens, lp = reference_greedy(s, b, opts)
+        assert h is not None and h.tokens == tokens
+        assert h.log_prob == pytest.approx(lp, abs=1e-5)
+        ended = len(tokens) < b
+        assert h.score == pytest.approx(normalised_score(lp, len(tokens) + ended, opts.length_penalty))
+        assert len(h.tokens) >= min(min_length, b)
+
+
+def test_greedy_compaction_drops_finished_rows():
+    cache = FakeCache(list(range(16)))
+    greedy_search(cache, [2 + i for i in range(16)], DecodeOptions(), BOS, EOS, lambda i: False)
+    assert cache.steps[-1] < cache.steps[0]
+
+
+def test_a_stopped_row_gets_none_and_the_others_are_unchanged():
+    sources, budgets = list(range(6)), [12] * 6
+    stopped = {2}
+    found = greedy_search(FakeCache(sources), budgets, DecodeOptions(), BOS, EOS, lambda i: i in stopped)
+    assert found[2] is None
+    for i in (0, 1, 3, 4, 5):
+        assert found[i] is not None and found[i].tokens == reference_greedy(i, 12, DecodeOptions())[0]
+
+
+@pytest.mark.parametrize("compaction", [True, False])
+def test_beam_of_one_source_is_batch_invariant_and_ranked(compaction):
+    opts = DecodeOptions(beam_size=4, n_best=3, min_length=1)
+    alone = [beam_search(FakeCache([s]), [10], opts, BOS, EOS, V, lambda i: False, compaction)[0]
+             for s in range(8)]
+    together = beam_search(FakeCache(list(range(8))), [10] * 8, opts, BOS, EOS, V, lambda i: False,
+                           compaction)
+    for a, t in zip(alone, together):
+        assert a is not None and t is not None
+        assert [h.tokens for h in a] == [h.tokens for h in t]
+        assert len(t) == 3 and [h.score for h in t] == sorted((h.score for h in t), reverse=True)
+        assert all(len(h.tokens) >= 1 and EOS not in h.tokens for h in t)
+
+
+def test_beam_finds_at_least_the_greedy_score():
+    opts = DecodeOptions(beam_size=5, length_penalty=0.0)
+    beams = beam_search(FakeCache(list(range(10))), [9] * 10, opts, BOS, EOS, V, lambda i: False)
+    greedy = greedy_search(FakeCache(list(range(10))), [9] * 10, opts, BOS, EOS, lambda i: False)
+    for b, g in zip(beams, greedy):
+        assert b is not None and g is not None
+        assert b[0].score >= g.score - 1e-5
