@@ -22,7 +22,7 @@ from pathlib import Path
 from nmt.bundle import BundleError, read_manifest
 from nmt.errors import EXIT_FAILURE, UserError
 from serve.server.metrics import Metrics
-from serve.server.registry import BatchingConfig, ModelRegistry
+from serve.server.registry import BATCHING_MODES, BatchingConfig, ModelRegistry
 from serve.server.server import ServerConfig, create_server
 from serve.server.servicer import Limits
 
@@ -39,10 +39,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this HTTP port")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per operator")
+    p.add_argument("--batching", choices=BATCHING_MODES, default=b.mode,
+                   help="continuous: requests join the running batch at every decoding step; "
+                        "static: one batch of same-option requests at a time")
     p.add_argument("--max-batch-tokens", type=int, default=b.max_batch_tokens,
-                   help="source tokens x beam size per engine batch")
+                   help="padded tokens per batch: continuous: rows x (longest source + longest budget); "
+                        "static: sources x beam x longest source")
     p.add_argument("--max-delay-ms", type=float, default=b.max_delay * 1e3,
-                   help="how long a batch may wait for more requests while requests overlap")
+                   help="static: how long a batch may wait for more requests while requests overlap")
     p.add_argument("--batch-wait", choices=("adaptive", "always"), default="adaptive",
                    help="adaptive: a lone request does not wait (latency); always: wait every time")
     p.add_argument("--max-queue", type=int, default=b.max_queue,
@@ -92,8 +96,9 @@ def build_config(args: argparse.Namespace) -> tuple[ServerConfig, BatchingConfig
                     max_message_bytes=int(args.max_message_mb * 2**20))
     config = ServerConfig(host=args.host, port=args.port, limits=limits, auth_token=args.auth_token,
                           tls_cert=cert, tls_key=key, workers=args.workers)
-    batching = BatchingConfig(max_batch_tokens=args.max_batch_tokens, max_delay=args.max_delay_ms / 1e3,
-                              max_queue=args.max_queue, always_wait=args.batch_wait == "always")
+    batching = BatchingConfig(mode=args.batching, max_batch_tokens=args.max_batch_tokens,
+                              max_delay=args.max_delay_ms / 1e3, max_queue=args.max_queue,
+                              always_wait=args.batch_wait == "always")
     return config, batching
 
 
