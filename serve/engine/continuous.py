@@ -7,7 +7,8 @@ step boundary it
      sources are encoded together and joined to the running cache (cross-attention K/V padded to
      the longer source, an empty self-attention past padded and masked), and
   3. runs one decoder step for every live row, each at its own position; finished texts leave.
-A text therefore waits at most one step for a running batch, whatever is decoding.
+A text never waits for a running batch to end: it joins at the next step boundary, or, when the
+batch is large (a join copies its cache), within ADMIT_AFTER boundaries together with others.
 
 Greedy and beam texts with any options share a step: the step fetches the largest top-k any row
 needs and each text reads only its own columns, so its tokens are exactly those of a batch of its
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from serve.engine.translator import Translator
 
 log = logging.getLogger("nmt.serve")
+
+ADMIT_AFTER = 4  # step boundaries a fitting text may wait for others to join with it (see _admit)
 
 
 @dataclass(eq=False)
@@ -99,6 +102,7 @@ class Lane:
         self.alignments = alignments
         self.cache: DecoderCache | None = None
         self.texts: list[Text] = []
+        self.deferred = 0  # step boundaries the queue head waited for a group to gather
 
     @property
     def rows(self) -> int:
@@ -203,20 +207,16 @@ class ContinuousScheduler:
                 text.done = True
                 text.job.fail(text.job.stop.error(now))
 
-    def _cost(self, texts: list[Text]) -> int:
-        """Padded cache tokens of these texts' rows at their longest."""
-        if not texts:
-            return 0
-        rows = sum(t.options.beam_size for t in texts)
-        return rows * (max(len(t.source) for t in texts) + max(t.budget for t in texts))
-
     def _admit(self, lane: Lane) -> None:
         """Queued texts of this lane join the running batch, oldest first, within the budget."""
         now = time.monotonic()
         taken: list[Text] = []
+        running = [t for t in lane.texts if not t.done]
+        rows = sum(t.options.beam_size for t in running)
+        longest_src = max((len(t.source) for t in running), default=0)
+        longest_budget = max((t.budget for t in running), default=0)
         with self._cond:
             kept: deque[Text] = deque()
-            running = [t for t in lane.texts if not t.done]
             while self._queue:
                 text = self._queue.popleft()
                 if text.job.future.done():  # another text of it failed or was stopped
@@ -227,12 +227,23 @@ class ContinuousScheduler:
                 if text.options.return_alignments != lane.alignments:
                     kept.append(text)
                     continue
-                fits = self._cost(running + taken + [text]) <= self.max_batch_tokens
-                if fits or not (running or taken):  # one text over the budget still runs, alone
-                    taken.append(text)
+                n, src, budget = (rows + text.options.beam_size, max(longest_src, len(text.source)),
+                                  max(longest_budget, text.budget))
+                if n * (src + budget) <= self.max_batch_tokens or not (running or taken):
+                    taken.append(text)  # (one text over the budget still runs, alone)
+                    rows, longest_src, longest_budget = n, src, budget
                 else:
                     kept.append(text)
                     break  # oldest first: nobody overtakes the text that does not fit yet
+            # A join copies the running cache, so a full batch takes newcomers in groups: at least an
+            # eighth of its rows, or whoever has waited ADMIT_AFTER step boundaries.
+            group = sum(t.options.beam_size for t in taken)
+            if taken and group < len(running) // 8 and lane.deferred < ADMIT_AFTER:
+                lane.deferred += 1
+                kept.extendleft(reversed(taken))
+                taken = []
+            elif taken:
+                lane.deferred = 0
             kept.extend(self._queue)
             self._queue = kept
             self._cond.notify_all()  # room in the queue for blocked submitters

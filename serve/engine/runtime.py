@@ -285,8 +285,11 @@ class DecoderCache:
         for name, mine in self.cache.items():
             a, b = host(mine), host(other.cache[name])
             axis = 1 if a.ndim == 2 else 2  # the encoder mask (R, S); K/V (R, H, S or T, Dh)
-            width = max(a.shape[axis], b.shape[axis])
-            both = np.concatenate([pad_right(a, axis, width), pad_right(b, axis, width)])
+            shape = list(a.shape)
+            shape[0], shape[axis] = a.shape[0] + b.shape[0], max(a.shape[axis], b.shape[axis])
+            both = np.zeros(shape, dtype=a.dtype)  # padding: zeros / False, masked by lengths and the mask
+            both[tuple(slice(0, n) for n in a.shape)] = a
+            both[(slice(a.shape[0], None),) + tuple(slice(0, n) for n in b.shape[1:])] = b
             joined[name] = both if both.size == 0 else rt.to_device(both)  # an empty past binds as is
         self.cache, self.rows = joined, self.rows + other.rows
         self.lengths = np.concatenate([self.lengths, other.lengths])
@@ -294,7 +297,7 @@ class DecoderCache:
     def trim(self) -> int:
         """Drop the leading past slots that no row uses any more (its oldest rows left); returns how many."""
         unused = int(self.position - self.lengths.max()) if self.rows else self.position
-        if unused <= 0:
+        if unused < max(8, self.position // 4):  # a copy of the past: worth it only for a real saving
             return 0
         for _, past in self.self_pairs:
             self.cache[past] = self.runtime.to_device(host(self.cache[past])[:, :, unused:, :])
@@ -305,12 +308,3 @@ class DecoderCache:
 def host(value: Feed) -> np.ndarray:
     return value.numpy() if isinstance(value, ort.OrtValue) else value
 
-
-def pad_right(a: np.ndarray, axis: int, width: int) -> np.ndarray:
-    """Zeros (False) appended along `axis` up to `width`. For the self-attention past, whose valid slots
-    are the last ones of each row, a newcomer's empty past padded this way stays fully masked."""
-    if a.shape[axis] == width:
-        return a
-    pad = [(0, 0)] * a.ndim
-    pad[axis] = (0, width - a.shape[axis])
-    return np.pad(a, pad)
