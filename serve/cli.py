@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 from serve.bundle import BundleError, read_manifest
+from serve.keys import KeyStore, read_keys_file
 from serve.metrics import Metrics
 from serve.registry import BatchingConfig, ModelRegistry
 from serve.server import ServerConfig, create_server
@@ -40,6 +41,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port, printed at start)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this HTTP port")
+    p.add_argument("--http-port", type=int,
+                   help="also serve the LibreTranslate-compatible HTTP API and the translate page "
+                        "on this port (0: any free port, printed at start); off by default")
+    p.add_argument("--keys-file", type=Path,
+                   help="JSON API keys with per-key requests/characters per minute (see serve/keys.py); "
+                        "required on HTTP and gRPC, beside --auth-token")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per operator")
     p.add_argument("--max-batch-tokens", type=int, default=b.max_batch_tokens,
@@ -79,7 +86,8 @@ def build_config(args: argparse.Namespace) -> tuple[ServerConfig, BatchingConfig
         raise UsageError("--max-delay-ms and --drain-seconds must be >= 0")
     if args.max_texts > args.max_queue:
         raise UsageError(f"--max-texts ({args.max_texts}) cannot exceed --max-queue ({args.max_queue})")
-    for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
+    for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port),
+                       ("--http-port", args.http_port)):
         if port is not None and not 0 <= port <= 65535:
             raise UsageError(f"{flag} must be in [0, 65535], got {port}")
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -93,8 +101,12 @@ def build_config(args: argparse.Namespace) -> tuple[ServerConfig, BatchingConfig
         raise UsageError(f"cannot read {e.filename}: {e.strerror}") from None
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars,
                     max_message_bytes=int(args.max_message_mb * 2**20))
+    try:
+        keys = KeyStore(read_keys_file(args.keys_file), args.auth_token) if args.keys_file else None
+    except ValueError as e:
+        raise UsageError(f"--keys-file: {e}") from None
     config = ServerConfig(host=args.host, port=args.port, limits=limits, auth_token=args.auth_token,
-                          tls_cert=cert, tls_key=key, workers=args.workers)
+                          tls_cert=cert, tls_key=key, workers=args.workers, keys=keys)
     batching = BatchingConfig(max_batch_tokens=args.max_batch_tokens, max_delay=args.max_delay_ms / 1e3,
                               max_queue=args.max_queue, always_wait=args.batch_wait == "always")
     return config, batching
@@ -108,6 +120,19 @@ def check_bundles(dirs: list[Path]) -> None:
         if name in names:
             raise BundleError(f"{d} and {names[name]} are both named {name!r}; model names must be unique")
         names[name] = d
+
+
+def start_http_api(registry: ModelRegistry, config: ServerConfig, metrics: Metrics,
+                   args: argparse.Namespace):
+    """The HTTP API on --http-port, on the same registry (so the same schedulers) as gRPC."""
+    from serve.http_api import HttpState, build_app
+    from serve.http_server import HttpServer
+
+    keys = config.keys or KeyStore(token=config.auth_token)
+    state = HttpState(registry, config.limits, keys, metrics)
+    api = HttpServer(build_app(state), args.host, args.http_port, grace=args.drain_seconds)
+    api.start()
+    return api
 
 
 def main(argv: list[str]) -> int:
@@ -130,11 +155,13 @@ def main(argv: list[str]) -> int:
     try:
         server, port = create_server(registry, config, metrics)
         http = metrics.serve_http(args.metrics_port, args.host) if args.metrics_port is not None else None
+        api = start_http_api(registry, config, metrics, args) if args.http_port is not None else None
     except OSError as e:
         print(f"nmt serve: {e}", file=sys.stderr)
         return 1
     print(f"nmt serve: listening on {args.host}:{port}"
-          + (f", metrics on :{http.server_port}" if http else ""), file=sys.stderr, flush=True)
+          + (f", metrics on :{http.server_port}" if http else "")
+          + (f", http on :{api.port}" if api else ""), file=sys.stderr, flush=True)
     try:
         from serve.engine import Translator
 
@@ -146,6 +173,8 @@ def main(argv: list[str]) -> int:
             log.info("loaded %s (%s->%s) from %s on %s", translator.name, translator.src_lang,
                      translator.tgt_lang, d, translator.provider)
     except Exception as e:  # nothing half-started stays up: stop and say why in one line
+        if api is not None:
+            api.stop(0)
         server.stop()
         print(f"nmt serve: cannot load {d}: {e}".splitlines()[0], file=sys.stderr)
         return 1
@@ -155,6 +184,8 @@ def main(argv: list[str]) -> int:
     while not stop.wait(0.5):
         pass
     log.info("draining (up to %.0fs)", args.drain_seconds)
+    if api is not None:  # first: its requests in flight need the schedulers that drain() stops
+        api.stop(args.drain_seconds)
     server.drain(args.drain_seconds)
     if http is not None:
         http.shutdown()

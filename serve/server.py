@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from serve.keys import KeyInterceptor, KeyStore
 from serve.metrics import Metrics
 from serve.registry import ModelRegistry
 from serve.servicer import SERVICE, Limits, TranslatorServicer, generic_handler
@@ -40,6 +41,7 @@ class ServerConfig:
     tls_key: bytes | None = None
     workers: int = 64  # RPCs handled at once (each waits on the scheduler while its texts are decoded)
     max_concurrent_rpcs: int = 256  # beyond this grpc answers RESOURCE_EXHAUSTED at once
+    keys: KeyStore | None = None  # API keys with per-key limits (serve.keys); replaces auth_token's check
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
@@ -157,7 +159,9 @@ def create_server(registry: ModelRegistry, config: ServerConfig = ServerConfig()
                ("grpc.so_reuseport", 0)]
     in_flight = InFlightInterceptor()
     interceptors: list[grpc.ServerInterceptor] = [in_flight]
-    if config.auth_token:
+    if config.keys is not None:
+        interceptors.insert(0, KeyInterceptor(config.keys, f"/{HEALTH_SERVICE}/", f"/{SERVICE}/Translate"))
+    elif config.auth_token:
         interceptors.insert(0, BearerTokenInterceptor(config.auth_token))
     server = grpc.server(ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
                          interceptors=interceptors, options=options,
