@@ -28,7 +28,7 @@ def run_blocked(code: str) -> subprocess.CompletedProcess:
 def test_serving_modules_and_engine_work_without_torch(tiny_bundle):
     out = run_blocked(f"""
         import serve.batch, serve.batch_backends, serve.cli, serve.client, serve.health_cli
-        import serve.server, serve.stress
+        import serve.server, serve.stress, serve.http_api, serve.http_server, serve.keys
         from serve.engine import Translator
         from serve.types import DecodeOptions
         t = Translator.from_bundle({str(tiny_bundle)!r}, device="cpu")
