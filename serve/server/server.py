@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serve.protocol.convert import SERVICE
+from serve.server.keys import KeyInterceptor, KeyStore
 from serve.server.metrics import Metrics
 from serve.server.registry import ModelRegistry
 from serve.server.servicer import Limits, TranslatorServicer, generic_handler
@@ -42,6 +43,7 @@ class ServerConfig:
     tls_key: bytes | None = None
     workers: int = 64  # RPCs handled at once (each waits on the scheduler while its texts are decoded)
     max_concurrent_rpcs: int = 256  # beyond this grpc answers RESOURCE_EXHAUSTED at once
+    keys: KeyStore | None = None  # per-key limits (serve.server.keys); replaces the auth_token check
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
@@ -160,7 +162,9 @@ def create_server(registry: ModelRegistry, config: ServerConfig = ServerConfig()
     in_flight = InFlightInterceptor()
     # Outermost first; the status mapping wraps the handlers themselves.
     interceptors: list[grpc.ServerInterceptor] = [in_flight, StatusInterceptor(SERVICE)]
-    if config.auth_token:
+    if config.keys is not None:
+        interceptors.insert(0, KeyInterceptor(config.keys, f"/{HEALTH_SERVICE}/", f"/{SERVICE}/Translate"))
+    elif config.auth_token:
         interceptors.insert(0, BearerTokenInterceptor(config.auth_token))
     server = grpc.server(ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
                          interceptors=interceptors, options=options,

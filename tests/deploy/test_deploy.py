@@ -148,8 +148,8 @@ def test_jobs_and_servers_share_volumes():
 def test_server_ports_healthcheck_and_drain(name):
     svc = compose()["services"][name]
     cmd = service_cmd(compose(), name)
-    port, metrics = flag(cmd, "--port"), flag(cmd, "--metrics-port")
-    assert {port, metrics} <= set(svc["expose"])
+    port, metrics, http = flag(cmd, "--port"), flag(cmd, "--metrics-port"), flag(cmd, "--http-port")
+    assert {port, metrics, http} <= set(svc["expose"])
     assert svc["healthcheck"]["test"] == ["CMD", "nmt", "health", "--server", f"localhost:{port}"]
     assert flag(cmd, "--host") == "0.0.0.0"  # reachable from other containers
     assert svc["restart"] == "unless-stopped" and svc["stop_signal"] == "SIGTERM"
@@ -157,7 +157,7 @@ def test_server_ports_healthcheck_and_drain(name):
     # Compose must let the drain finish before SIGKILL, without waiting much longer than it.
     assert drain < seconds(svc["stop_grace_period"]) <= drain + 30
     if name == "server":
-        assert {p.split(":")[1] for p in svc["ports"]} == {port, metrics}
+        assert {p.split(":")[1].split()[0] for p in svc["ports"]} == {port, metrics, http}
 
 
 def test_cpu_override_drops_gpu_and_changes_only_the_device():
