@@ -34,9 +34,9 @@ from pathlib import Path
 import grpc
 
 from bench.drill_cluster import REPO, Balancer, Replica, free_port
-from serve.protocol.client import TranslatorClient
 from bench.stress.server import StressError
 from nmt.decoding import DecodeOptions
+from serve.protocol.client import TranslatorClient
 
 FAULTS = ("kill", "rolling", "stop")
 LOAD_AGENT = "nmt-drill-load"  # user agent of the Translate load, told apart in the balancer's log

@@ -105,9 +105,9 @@ def test_resume_from_a_ddp_checkpoint_continues_exactly(runs):
 def test_each_rank_takes_a_disjoint_shard(runs):
     """The ranks' batch lists of an epoch are disjoint and, interleaved, the batches one process takes
     (this is why the losses above agree)."""
+    from nmt.tokenizer import Tokenizer
     from train.config import preset
     from train.data import BatchStream, encode_pairs
-    from nmt.tokenizer import Tokenizer
 
     _, tc = preset("tiny")
     tok = Tokenizer.load(runs["ddp"] / "tokenizer.model")
