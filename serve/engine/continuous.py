@@ -124,7 +124,6 @@ class ContinuousScheduler:
         self._cond = threading.Condition()
         self._closing = False
         self.lanes = [Lane(alignments=False), Lane(alignments=True)]
-        self.steps = 0  # decoder steps run by this loop
         # thread=False: no loop thread; the caller runs `step_once` (deterministic interleavings in tests).
         self._thread = threading.Thread(target=self._run, name=f"decoder-{self.name}", daemon=True)
         if thread:
@@ -158,11 +157,9 @@ class ContinuousScheduler:
                 return job.future
             now = job.enqueued = time.monotonic()
             for i, src in enumerate(sources):
-                beam = None if options.beam_size == 1 else Beam(budget=0)
-                text = Text(job, i, src, self.translator.budget(len(src), options), now, beam)
-                if beam is not None:
-                    beam.budget = text.budget
-                self._queue.append(text)
+                budget = self.translator.budget(len(src), options)
+                beam = None if options.beam_size == 1 else Beam(budget=budget)
+                self._queue.append(Text(job, i, src, budget, now, beam))
             self._cond.notify_all()
         self._report_queue()
         return job.future
@@ -289,16 +286,14 @@ class ContinuousScheduler:
         if index != list(range(cache.rows)):
             cache.keep(np.asarray(index, dtype=np.int64))
         lane.texts = live
-        if not live:
-            cache.trim()
-            return
         cache.trim()
+        if not live:
+            return
         vocab = self.translator.manifest.vocab_size
         eos, bos = self.translator.manifest.eos_id, self.translator.manifest.bos_id
         feed = np.asarray([tok for t in live for tok in t.feed(bos)], dtype=np.int64)
         started = time.monotonic()
         values, ids = cache.step(feed, max(t.top_k(vocab) for t in live))  # (R, K)
-        self.steps += 1
         now = time.monotonic()
         generated = 0
         for text in live:

@@ -24,6 +24,8 @@ from typing import Any
 
 import grpc
 
+from serve.server.handlers import behaviour, rewrap
+
 WINDOW = 60.0  # seconds: limits are per sliding minute
 
 
@@ -159,22 +161,9 @@ class KeyInterceptor(grpc.ServerInterceptor):
 
 def gated(handler: Any, gate: Callable[[Any, grpc.ServicerContext], None]) -> Any:
     """`handler` with `gate(request or None, context)` run first (it aborts to refuse the call)."""
-    ser = {"request_deserializer": handler.request_deserializer,
-           "response_serializer": handler.response_serializer}
-    if handler.request_streaming:
-        inner = handler.stream_stream or handler.stream_unary
+    inner, streamed = behaviour(handler), handler.request_streaming
 
-        def streamed(requests, context):
-            gate(None, context)
-            return inner(requests, context)
-        make = (grpc.stream_stream_rpc_method_handler if handler.response_streaming
-                else grpc.stream_unary_rpc_method_handler)
-        return make(streamed, **ser)
-    one = handler.unary_unary or handler.unary_stream
-
-    def unary(request, context):
-        gate(request, context)
-        return one(request, context)
-    make = (grpc.unary_stream_rpc_method_handler if handler.response_streaming
-            else grpc.unary_unary_rpc_method_handler)
-    return make(unary, **ser)
+    def checked(request, context):
+        gate(None if streamed else request, context)
+        return inner(request, context)
+    return rewrap(handler, checked)

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serve.protocol.convert import SERVICE
+from serve.server.handlers import behaviour, rewrap
 from serve.server.keys import KeyInterceptor, KeyStore
 from serve.server.metrics import Metrics
 from serve.server.registry import ModelRegistry
@@ -65,13 +66,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
 
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+        return rewrap(handler, deny)
 
 
 class InFlightInterceptor(grpc.ServerInterceptor):
@@ -96,25 +91,21 @@ class InFlightInterceptor(grpc.ServerInterceptor):
         if handler is None or not details.method.startswith(f"/{SERVICE}/"):
             return handler
         self._add(1)
-        if handler.request_streaming:
-            stream = handler.stream_stream
-
-            def counted_stream(requests, context):
+        inner = behaviour(handler)
+        if handler.response_streaming:
+            def counted_stream(request, context):
                 try:
-                    yield from stream(requests, context)
+                    yield from inner(request, context)
                 finally:
                     self._add(-1)
-            return grpc.stream_stream_rpc_method_handler(counted_stream, handler.request_deserializer,
-                                                         handler.response_serializer)
-        unary = handler.unary_unary
+            return rewrap(handler, counted_stream)
 
-        def counted_unary(request, context):
+        def counted(request, context):
             try:
-                return unary(request, context)
+                return inner(request, context)
             finally:
                 self._add(-1)
-        return grpc.unary_unary_rpc_method_handler(counted_unary, handler.request_deserializer,
-                                                   handler.response_serializer)
+        return rewrap(handler, counted)
 
 
 class TranslationServer:
