@@ -190,6 +190,34 @@ def check_decoder(model: Transformer, sess: ort.InferenceSession, src_mask: torc
             "topk_index_agreement": topk_agree / (B * T)}
 
 
+def check_grouped_cross(model: Transformer, sess: ort.InferenceSession, src_mask: torch.Tensor, cross: list,
+                        targets: torch.Tensor, top_k: int, group: int = 3) -> float:
+    """A decoder that takes cross K/V once per source (nmt.bundle.GROUPED_CROSS_KV): `group` rows per
+    source fed with one cross row each must give what the same rows give with the K/V repeated."""
+    B, T = targets.shape
+    rows = torch.arange(B).repeat_interleave(group)  # (B*g,) the source of every row
+    tokens = targets[rows].numpy().copy()  # (B*g, T)
+    tokens[1::group] = np.roll(tokens[1::group], 1, axis=1)  # the beams of a source differ
+    grouped, expanded = {}, {}
+    for i, kv in enumerate(cross):
+        for w, t in zip(("key", "value"), kv):
+            name = sb.past_name(i, "encoder", w)
+            grouped[name] = t.numpy().astype(np_dtype(sess, name))
+            expanded[name] = grouped[name][rows.numpy()]
+    caches = [{**empty_past(sess, model, B * group), **c} for c in (grouped, expanded)]
+    masks = [src_mask.numpy(), src_mask.numpy()[rows.numpy()]]
+    diff = 0.0
+    for t in range(T):
+        outs = [decoder_step(sess, tokens[:, t:t + 1], t, m, c, top_k) for m, c in zip(masks, caches)]
+        diff = max(diff, float(np.max(np.abs(outs[0][sb.LOG_PROBS] - outs[1][sb.LOG_PROBS]))))
+        if not np.array_equal(outs[0][sb.TOPK_INDICES], outs[1][sb.TOPK_INDICES]):
+            diff = max(diff, float("inf"))
+        n_layers = len(cross)
+        for c, o in zip(caches, outs):
+            c.update(next_past(o, n_layers))
+    return diff
+
+
 def check_reorder(sess: ort.InferenceSession, rng: np.random.Generator, batch: int) -> bool:
     """Gather rows (repeated, reordered, some dropped) of random tensors shaped like the inputs."""
     index = np.array([batch - 1, 0, 0, batch // 2], np.int64)  # (B',)
@@ -236,15 +264,17 @@ def ort_greedy(sessions: dict[str, ort.InferenceSession], model: Transformer, sr
 
 def validate_graphs(model: Transformer, tokenizer: Tokenizer, graph_dir: Path, dtype: str,
                     providers: list[str] | None = None, n_random: int = 2, target_len: int = 12,
-                    top_k: int = 4, seed: int = 0) -> dict[str, Any]:
-    """Run every check; the returned report has `passed` and, when it failed, `failures`."""
+                    top_k: int = 4, seed: int = 0, grouped_cross: bool = False) -> dict[str, Any]:
+    """Run every check; the returned report has `passed` and, when it failed, `failures`.
+    grouped_cross: the decoder claims GROUPED_CROSS_KV, which is checked too."""
     with torch_threads(1):
-        return run_checks(model, tokenizer, graph_dir, dtype, providers, n_random, target_len, top_k, seed)
+        return run_checks(model, tokenizer, graph_dir, dtype, providers, n_random, target_len, top_k, seed,
+                          grouped_cross)
 
 
 def run_checks(model: Transformer, tokenizer: Tokenizer, graph_dir: Path, dtype: str,
                providers: list[str] | None, n_random: int, target_len: int, top_k: int,
-               seed: int) -> dict[str, Any]:
+               seed: int, grouped_cross: bool = False) -> dict[str, Any]:
     providers = providers or ["CPUExecutionProvider"]
     tol = TOLERANCES[dtype]
     sessions = load_sessions(graph_dir, providers)
@@ -259,6 +289,9 @@ def run_checks(model: Transformer, tokenizer: Tokenizer, graph_dir: Path, dtype:
     dec = check_decoder(model, sessions["decoder"], mask, cross, targets, top_k)
     reorder_ok = check_reorder(sessions["reorder"], np.random.default_rng(seed), len(srcs))
     diffs = {**enc_diffs, **dec["max_abs_diff"]}
+    if grouped_cross:  # against the same graph with repeated K/V: any difference is the grouping's
+        diffs["decoder.grouped_cross_kv.log_probs"] = check_grouped_cross(
+            model, sessions["decoder"], mask, cross, targets[:, :4], top_k)
     failures = []
     if not all(np.isfinite(v) for v in diffs.values()):
         failures.append("non-finite outputs (NaN/inf in the weights or an overflow)")
