@@ -1,7 +1,7 @@
 """Engine variants side by side in ONE process, interleaved: what each speed lever buys.
 
     python -m bench.levers --variant traced=bundles/traced --variant fused=bundles/fused \
-        --variant fused-nospin=bundles/fused:nospin --threads 1 --data-dir data/multi30k
+        --variant fused-spin=bundles/fused:spin --threads 1 --data-dir data/multi30k
 
 On a shared machine absolute timings drift with the load, so the variants run round-robin
 (every repeat times each variant once, in turn) and the table's ratios are what to read. Rows:
@@ -10,7 +10,7 @@ tokens/s, greedy and beam 4. `same` says whether a variant's tokens equal the fi
 (fp32 variants must agree; int8 ones need not).
 
 A variant is NAME=BUNDLE[:flag,...]; flags switch one engine lever off or on for that variant:
-  nospin    ORT worker threads do not spin waiting for work between runs
+  spin      ORT worker threads spin waiting for work between runs (ORT's default; the engine's is off)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from nmt.tokenizer import Tokenizer
 from serve.engine.runtime import Runtime
 from serve.engine.translator import EngineConfig, Translator
 
-FLAGS = ("nospin",)
+FLAGS = ("spin",)
 MODES = [("greedy", 1), ("beam 4", 4)]
 
 
@@ -50,7 +50,7 @@ def load_variant(spec: str, threads: int) -> Variant:
     if not name or not path or bad:
         raise SystemExit(f"bad --variant {spec!r}: expected NAME=BUNDLE[:{','.join(FLAGS)}]")
     manifest = read_manifest(path)
-    spinning = False if "nospin" in flags else None
+    spinning = None if "spin" in flags else False
     runtime = Runtime(Path(path), manifest, "cpu", threads, None, "all", allow_spinning=spinning)
     tokenizer = Tokenizer.load(Path(path) / TOKENIZER_FILE)
     translator = Translator(runtime, manifest, tokenizer, EngineConfig(device="cpu"))
