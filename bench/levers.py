@@ -11,6 +11,7 @@ tokens/s, greedy and beam 4. `same` says whether a variant's tokens equal the fi
 
 A variant is NAME=BUNDLE[:flag,...]; flags switch one engine lever off or on for that variant:
   spin      ORT worker threads spin waiting for work between runs (ORT's default; the engine's is off)
+  expand    beam search copies the cross-attention K/V per beam (as before grouped_cross_kv was used)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from nmt.tokenizer import Tokenizer
 from serve.engine.runtime import Runtime
 from serve.engine.translator import EngineConfig, Translator
 
-FLAGS = ("spin",)
+FLAGS = ("spin", "expand")
 MODES = [("greedy", 1), ("beam 4", 4)]
 
 
@@ -52,6 +53,7 @@ def load_variant(spec: str, threads: int) -> Variant:
     manifest = read_manifest(path)
     spinning = None if "spin" in flags else False
     runtime = Runtime(Path(path), manifest, "cpu", threads, None, "all", allow_spinning=spinning)
+    runtime.grouped_cross = runtime.grouped_cross and "expand" not in flags
     tokenizer = Tokenizer.load(Path(path) / TOKENIZER_FILE)
     translator = Translator(runtime, manifest, tokenizer, EngineConfig(device="cpu"))
     translator.warmup()

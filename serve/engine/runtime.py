@@ -175,6 +175,9 @@ class Runtime:
         self._decoder_alignments: Graph | None = None
         self._load_lock = threading.Lock()
         self.n_heads, self.head_dim = manifest.n_heads, manifest.head_dim
+        # The decoder takes cross K/V with one row per source for equal groups of rows (beam search):
+        # then only the self-attention cache follows the beams (DecoderCache.keep).
+        self.grouped_cross = fmt.GROUPED_CROSS_KV in manifest.optimizations
         self.steps = 0
         self._steps_lock = threading.Lock()
 
@@ -226,6 +229,9 @@ class DecoderCache:
 
     def __init__(self, runtime: Runtime, cache: dict[str, Feed], rows: int):
         self.runtime, self.cache, self.rows, self.position = runtime, cache, rows, 0
+        # Rows per cross-attention row: row r reads cross K/V row r // group (the beams of a source
+        # share one copy). Always 1 unless keep() was asked for groups and the bundle accepts them.
+        self.group = 1
         self.lengths = np.zeros(rows, dtype=np.int64)  # (R,) tokens fed per row
         # A decoder layer index (negative from the end): set, every step also fetches that layer's
         # head-averaged cross-attention and keeps its argmax per row. None: a normal step.
@@ -234,6 +240,7 @@ class DecoderCache:
         n = runtime.n_layers
         self.self_pairs = [(fmt.present_name(i, "decoder", w), fmt.past_name(i, "decoder", w))
                            for i in range(n) for w in ("key", "value")]
+        self.self_past = {past for _, past in self.self_pairs}
 
     def step(self, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Feed one token per row (R,) and return the k best next tokens: values, ids (R, k)."""
@@ -262,15 +269,52 @@ class DecoderCache:
         self.lengths = self.lengths + 1
         return out[fmt.TOPK_VALUES].numpy(), out[fmt.TOPK_INDICES].numpy()
 
-    def keep(self, rows: np.ndarray) -> None:
-        """New batch row j = old row rows[j]: reorders beams, duplicates, and drops finished rows."""
-        names = list(self.cache)
-        feeds: dict[str, Feed] = {fmt.REORDER_INDEX: rows.astype(np.int64)}
-        feeds.update(self.cache)
-        out = self.runtime.reorder.run(feeds, [fmt.REORDERED_PREFIX + n for n in names])
-        self.cache = {n: out[fmt.REORDERED_PREFIX + n] for n in names}
-        self.rows = len(rows)
+    def keep(self, rows: np.ndarray, group: int = 1) -> None:
+        """New batch row j = old row rows[j]: reorders beams, duplicates, and drops finished rows.
+
+        group > 1: the caller lays the new rows out in equal groups of `group` rows that read the
+        same source (a source's beams); with a bundle that accepts grouped cross K/V, the cross K/V
+        and encoder mask then keep one row per group and move only when the set of sources changes.
+        """
+        rows = rows.astype(np.int64)
+        cross = rows // self.group  # (R',) the cross row every new row reads
+        new_group = 1
+        if group > 1 and self.runtime.grouped_cross and len(rows) % group == 0:
+            per = cross.reshape(-1, group)  # (R'/g, g)
+            if (per == per[:, :1]).all():
+                cross, new_group = per[:, 0], group
+        cross_names = [n for n in self.cache if n not in self.self_past]
+        if new_group == 1 and self.group == 1:  # the plain case: one reorder run for everything
+            self.cache = self.reordered(rows, list(self.cache), (), self.rows)
+        else:
+            self_names = list(self.self_past)
+            moved = self.reordered(rows, self_names, cross_names, self.rows)
+            if len(cross) != self.cross_rows or (cross != np.arange(len(cross))).any():
+                moved.update(self.reordered(cross, cross_names, self_names, self.cross_rows))
+            else:
+                moved.update({n: self.cache[n] for n in cross_names})
+            self.cache = {n: moved[n] for n in self.cache}
+        self.rows, self.group = len(rows), new_group
         self.lengths = self.lengths[rows]
+
+    @property
+    def cross_rows(self) -> int:
+        return self.rows // self.group
+
+    def reordered(self, index: np.ndarray, names: list[str], skipped: Sequence[str], rows: int
+                  ) -> dict[str, Feed]:
+        """Run the reorder graph over `names` (tensors of `rows` rows). The graph takes every cache
+        tensor: the `skipped` ones get zero-size stand-ins of as many rows (a gather of nothing)."""
+        feeds: dict[str, Feed] = {fmt.REORDER_INDEX: index}
+        feeds.update({n: self.cache[n] for n in names})
+        rt = self.runtime
+        for n in skipped:
+            if n == fmt.ENCODER_ATTENTION_MASK:
+                feeds[n] = np.zeros((rows, 0), bool)  # (rows, 0)
+            else:
+                feeds[n] = np.zeros((rows, rt.n_heads, 0, rt.head_dim), rt.cache_dtype)  # (rows, H, 0, Dh)
+        out = self.runtime.reorder.run(feeds, [fmt.REORDERED_PREFIX + n for n in names])
+        return {n: out[fmt.REORDERED_PREFIX + n] for n in names}
 
     # -- continuous batching: rows of different ages in one batch -----------------------------
     def join(self, other: DecoderCache) -> None:
@@ -282,6 +326,8 @@ class DecoderCache:
         """
         if other.position != 0:
             raise ValueError("only rows that have not been fed yet can join a running batch")
+        if self.group != 1 or other.group != 1:
+            raise ValueError("grouped cross-attention rows cannot join a running batch")
         if self.rows == 0:
             self.cache, self.rows, self.lengths = other.cache, other.rows, other.lengths
             self.position = 0

@@ -25,7 +25,7 @@ class StepCache(Protocol):
 
     def step(self, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def keep(self, rows: np.ndarray) -> None: ...
+    def keep(self, rows: np.ndarray, group: int = 1) -> None: ...
 
 
 def hypothesis(tokens: list[int], log_prob: np.float32, ended: bool, opts: DecodeOptions,
@@ -35,10 +35,11 @@ def hypothesis(tokens: list[int], log_prob: np.float32, ended: bool, opts: Decod
                       score=normalised_score(lp, len(tokens) + int(ended), opts.length_penalty))
 
 
-def reorder(cache: StepCache, index: list[int]) -> None:
-    """Apply a row selection unless it is the identity (then the cache is already right)."""
+def reorder(cache: StepCache, index: list[int], group: int = 1) -> None:
+    """Apply a row selection unless it is the identity (then the cache is already right);
+    group: the new rows come in equal groups of that many rows of one source each."""
     if len(index) != cache.rows or index != list(range(cache.rows)):
-        cache.keep(np.asarray(index, dtype=np.int64))
+        cache.keep(np.asarray(index, dtype=np.int64), group)
 
 
 def greedy_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos: int, eos: int,
@@ -202,7 +203,10 @@ def beam_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos: 
             new_spans[i] = (len(index), len(src_rows))
             index += src_rows
             feed += [eos] * len(src_rows) if beam.done else [t[-1] if t else bos for t in beam.live]
-        reorder(cache, index)
+        counts = {count for _, count in new_spans.values()}
+        # Every source with the same number of rows (k beams each, or 1 at the first step): the
+        # cache may keep one cross-attention row per source.
+        reorder(cache, index, counts.pop() if len(counts) == 1 else 1)
         spans = new_spans
         n_request = min(2 * k + (step < opts.min_length), vocab)
         values, ids = cache.step(np.asarray(feed, dtype=np.int64), n_request)  # (R, K)

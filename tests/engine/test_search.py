@@ -33,6 +33,7 @@ class FakeCache:
         self.rows = len(sources)
         self.alignment = None
         self.steps: list[int] = []  # rows fed at each step
+        self.groups: list[int] = []  # the group asked for by each keep()
 
     def step(self, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         assert len(tokens) == self.rows
@@ -41,9 +42,12 @@ class FakeCache:
         ids = np.argsort(-lp, axis=1, kind="stable")[:, :k]  # (R, k)
         return np.take_along_axis(lp, ids, axis=1), ids
 
-    def keep(self, rows: np.ndarray) -> None:
+    def keep(self, rows: np.ndarray, group: int = 1) -> None:
         self.source = self.source[rows]
         self.rows = len(rows)
+        # The grouping promise the cache relies on to share one cross-attention row per group.
+        assert len(rows) % group == 0 and (self.source.reshape(-1, group) == self.source[::group, None]).all()
+        self.groups.append(group)
 
 
 def reference_greedy(source: int, budget: int, opts: DecodeOptions) -> tuple[list[int], float]:
@@ -96,8 +100,10 @@ def test_beam_of_one_source_is_batch_invariant_and_ranked(compaction):
     opts = DecodeOptions(beam_size=4, n_best=3, min_length=1)
     alone = [beam_search(FakeCache([s]), [10], opts, BOS, EOS, V, lambda i: False, compaction)[0]
              for s in range(8)]
-    together = beam_search(FakeCache(list(range(8))), [10] * 8, opts, BOS, EOS, V, lambda i: False,
-                           compaction)
+    cache = FakeCache(list(range(8)))
+    together = beam_search(cache, [10] * 8, opts, BOS, EOS, V, lambda i: False, compaction)
+    # A source's 4 beams share one cross-attention row whenever every source has its 4 rows.
+    assert cache.groups[0] == 4 and (4 in cache.groups[1:] if compaction else set(cache.groups) == {4})
     for a, t in zip(alone, together):
         assert a is not None and t is not None
         assert [h.tokens for h in a] == [h.tokens for h in t]
