@@ -187,14 +187,13 @@ def transfer_weights(hf: Any, cfg: ModelConfig) -> Transformer:
 
 
 def plain_generation(hf: Any, cfg: ModelConfig) -> None:
-    """Make `hf.generate` search as our engine does: no banned or forced tokens, no minimum length, the
-    raw log-prob sum as the beam score (length_penalty 0) and a beam that stops at k finished hypotheses."""
+    """Make `hf.generate` search as our engine does: no banned or forced tokens, no minimum length
+    (hf_generate adds the beam settings: length_penalty 0, stop at k finished hypotheses)."""
     from transformers import GenerationConfig
 
     hf.generation_config = GenerationConfig(
         decoder_start_token_id=cfg.bos_id, pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id,
-        forced_eos_token_id=None, bad_words_ids=None, length_penalty=0.0, early_stopping=True,
-        do_sample=False, num_beams=1)
+        forced_eos_token_id=None, bad_words_ids=None, do_sample=False, num_beams=1)
 
 
 @torch.inference_mode()
@@ -205,8 +204,9 @@ def hf_generate(hf: Any, cfg: ModelConfig, sources: list[list[int]], num_beams: 
     S = max(map(len, sources))
     ids = torch.tensor([s + [cfg.pad_id] * (S - len(s)) for s in sources])  # (B, S)
     mask = torch.tensor([[1] * len(s) + [0] * (S - len(s)) for s in sources])  # (B, S)
-    out = hf.generate(input_ids=ids, attention_mask=mask, num_beams=num_beams, do_sample=False,
-                      max_new_tokens=max_new_tokens)  # (B, 1 + T)
+    beam = dict(num_beams=num_beams, length_penalty=0.0, early_stopping=True) if num_beams > 1 else {}
+    out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                      **beam)  # (B, 1 + T)
     result = []
     for row in out[:, 1:].tolist():
         result.append(row[:row.index(cfg.eos_id)] if cfg.eos_id in row else row)

@@ -70,7 +70,10 @@ def main(argv: list[str]) -> int:
     src, tgt = languages(folder)
     origin = {"format": "marian", "model_dir": folder.path.resolve().name,
               "architectures": folder.config.get("architectures", []),
-              "transformers": transformers.__version__, "reference": reference}
+              "transformers": transformers.__version__, "reference": reference,
+              # the ModelConfig options our presets leave at their defaults
+              "model_options": {k: getattr(cfg, k) for k in ("activation", "embed_scale", "position_layout",
+                                                             "output_bias", "pre_norm")}}
     out = write_bundle({"meta": {"src_lang": src, "tgt_lang": tgt}, "step": None}, model, tokenizer, args.out,
                        args.dtype, opset=args.opset, name=args.name or (f"{src}-{tgt}" if src and tgt
                                                                       else folder.path.resolve().name),

@@ -27,7 +27,7 @@ from export.fused import fused_decoder, fused_encoder, unsupported
 from export.graphs import DecoderGraph, EncoderGraph, ReorderGraph
 from export.validate import validate_graphs
 from nmt import bundle as sb
-from nmt.errors import EXIT_FAILURE, UserError
+from nmt.errors import EXIT_FAILURE, EXIT_USAGE, UserError
 from nmt.pair_tokenizer import BundleTokenizer, PairTokenizer
 from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from train.model import Transformer
@@ -106,7 +106,7 @@ def fused_style(style: str, dtype: str, model: Transformer) -> bool:
     if reasons:
         if style == "fused":
             raise ExportError(f"--graphs fused cannot write this model ({', '.join(reasons)}): "
-                              f"use --graphs traced or auto")
+                              f"use --graphs traced or auto", exit_code=EXIT_USAGE)
         return False
     return style == "fused" or dtype != "fp16"
 

@@ -45,14 +45,16 @@ def read_vocab(data: bytes, name: str) -> dict[str, int]:
 
 
 class PairTokenizer:
-    def __init__(self, source_model: bytes, target_model: bytes, source_vocab: dict[str, int],
-                 target_vocab: dict[str, int] | None = None):
+    def __init__(self, source_model: bytes, target_model: bytes, source_vocab: bytes,
+                 target_vocab: bytes | None = None):
+        """Models and vocabularies as their files' bytes (a bundle keeps them byte for byte)."""
         self.source_model, self.target_model = source_model, target_model
+        self.source_vocab_json, self.target_vocab_json = source_vocab, target_vocab
         self.src_sp = spm.SentencePieceProcessor(model_proto=source_model)
         self.tgt_sp = spm.SentencePieceProcessor(model_proto=target_model)
-        self.source_vocab = source_vocab
+        self.source_vocab = read_vocab(source_vocab, SOURCE_VOCAB)
         self.separate = target_vocab is not None
-        self.target_vocab = target_vocab if target_vocab is not None else source_vocab
+        self.target_vocab = read_vocab(target_vocab, TARGET_VOCAB) if target_vocab is not None else self.source_vocab
         self.id_to_piece = {i: p for p, i in self.target_vocab.items()}
         self.unk_id, self.eos_id, self.pad_id = (self.target_vocab[p] for p in (UNK, EOS, PAD))
         self.src_unk_id = self.source_vocab[UNK]
@@ -64,9 +66,8 @@ class PairTokenizer:
     @classmethod
     def from_files(cls, source_model: Path, target_model: Path, source_vocab: Path,
                    target_vocab: Path | None = None) -> PairTokenizer:
-        src = read_vocab(source_vocab.read_bytes(), source_vocab.name)
-        tgt = read_vocab(target_vocab.read_bytes(), target_vocab.name) if target_vocab else None
-        return cls(source_model.read_bytes(), target_model.read_bytes(), src, tgt)
+        return cls(source_model.read_bytes(), target_model.read_bytes(), source_vocab.read_bytes(),
+                   target_vocab.read_bytes() if target_vocab else None)
 
     @property
     def vocab_size(self) -> int:
@@ -94,10 +95,9 @@ class PairTokenizer:
         return [self.id_to_piece.get(int(i), UNK) for i in ids]
 
     def files(self) -> dict[str, bytes]:
-        out = {SOURCE_MODEL: self.source_model, TARGET_MODEL: self.target_model,
-               SOURCE_VOCAB: json.dumps(self.source_vocab, ensure_ascii=False, indent=1).encode()}
-        if self.separate:
-            out[TARGET_VOCAB] = json.dumps(self.target_vocab, ensure_ascii=False, indent=1).encode()
+        out = {SOURCE_MODEL: self.source_model, TARGET_MODEL: self.target_model, SOURCE_VOCAB: self.source_vocab_json}
+        if self.target_vocab_json is not None:
+            out[TARGET_VOCAB] = self.target_vocab_json
         return out
 
     def save(self, directory: Path) -> list[str]:
