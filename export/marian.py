@@ -62,7 +62,8 @@ def check_folder(path: Path) -> MarianFolder:
         raise MarianImportError(f"{path}: config.json missing (not a Hugging Face model folder)")
     config = read_json(path / "config.json")
     if config.get("model_type") != "marian":
-        raise MarianImportError(f"{path}/config.json: model_type {config.get('model_type')!r} is not 'marian'")
+        kind = config.get("model_type")
+        raise MarianImportError(f"{path}/config.json: model_type {kind!r} is not 'marian'")
     tok_path = path / "tokenizer_config.json"
     tok_config = read_json(tok_path) if tok_path.is_file() else {}
     separate = bool(tok_config.get("separate_vocabs", False))
@@ -99,7 +100,9 @@ def model_config(folder: MarianFolder, tokenizer: PairTokenizer) -> ModelConfig:
     decoder_vocab = c.get("decoder_vocab_size") or vocab
     shared = bool(c.get("share_encoder_decoder_embeddings", True))
     pad, eos = c.get("pad_token_id"), c.get("eos_token_id")
-    start = c.get("decoder_start_token_id", pad)
+    start = c.get("decoder_start_token_id")
+    if start is None:
+        start = tokenizer.pad_id
     if isinstance(eos, list):
         eos = eos[0] if len(eos) == 1 else None
     if (pad, eos) != (tokenizer.pad_id, tokenizer.eos_id):
@@ -117,7 +120,7 @@ def model_config(folder: MarianFolder, tokenizer: PairTokenizer) -> ModelConfig:
             max_positions=c.get("max_position_embeddings", 1024), pre_norm=False, share_embeddings=shared,
             tie_output=bool(c.get("tie_word_embeddings", True)), activation=ACTIVATIONS[act],
             embed_scale=bool(c.get("scale_embedding", False)), position_layout="halves", output_bias=True,
-            pad_id=pad, unk_id=tokenizer.unk_id, bos_id=start, eos_id=eos,
+            pad_id=tokenizer.pad_id, unk_id=tokenizer.unk_id, bos_id=int(start), eos_id=tokenizer.eos_id,
         ).validate()
     except KeyError as e:
         raise MarianImportError(f"{folder.path}/config.json: missing {e}") from None
@@ -141,7 +144,8 @@ def load_reference(folder: MarianFolder) -> Any:
             hf = MarianMTModel.from_pretrained(str(folder.path))
     except Exception as e:  # truncated or foreign weights: transformers raises many types
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise MarianImportError(f"{folder.path}: cannot load the weights ({type(e).__name__}: {first})") from None
+        reason = f"{type(e).__name__}: {first}"
+        raise MarianImportError(f"{folder.path}: cannot load the weights ({reason})") from None
     return hf.eval()
 
 
@@ -171,12 +175,14 @@ def transfer_weights(hf: Any, cfg: ModelConfig) -> Transformer:
     if not cfg.tie_output:
         model.generator.weight.copy_(hf.lm_head.weight)
     model.generator.bias.copy_(hf.final_logits_bias.reshape(-1))
-    for ours, theirs in zip(model.encoder_layers, m.encoder.layers):
+    ours_enc: list[Any] = list(model.encoder_layers)
+    ours_dec: list[Any] = list(model.decoder_layers)
+    for ours, theirs in zip(ours_enc, m.encoder.layers):
         copy_attention(ours.self_attn, theirs.self_attn)
         copy_ff(ours.ff, theirs)
         ours.res_attn.norm.load_state_dict(theirs.self_attn_layer_norm.state_dict())
         ours.res_ff.norm.load_state_dict(theirs.final_layer_norm.state_dict())
-    for ours, theirs in zip(model.decoder_layers, m.decoder.layers):
+    for ours, theirs in zip(ours_dec, m.decoder.layers):
         copy_attention(ours.self_attn, theirs.self_attn)
         copy_attention(ours.cross_attn, theirs.encoder_attn)
         copy_ff(ours.ff, theirs)

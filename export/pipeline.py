@@ -98,7 +98,8 @@ def export_graphs(model: Transformer, out_dir: Path, opset: int, dtype: str) -> 
 def fused_style(style: str, dtype: str, model: Transformer) -> bool:
     """Whether the encoder and decoder are written with fused ops (export/fused.py).
 
-    auto: for fp32/int8 models the fused writer can express (pre-norm, relu, ...). fp16 stays traced by default: its fused kernels run on
+    auto: for fp32/int8 models the fused writer can express (pre-norm, relu, ...). fp16 stays traced
+    by default: its fused kernels run on
     CUDA only, and this exporter validates fp16 on the CPU provider when no GPU is present."""
     if style == "traced":
         return False
@@ -291,8 +292,8 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, dtype: str =
     except (KeyError, RuntimeError, ValueError) as e:  # config, weights and tokenizer that do not fit
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{checkpoint_path}: cannot rebuild the model ({reason})") from None
-    return write_bundle(ckpt, model, tokenizer, out_dir, dtype, opset=opset, name=name or default_name(ckpt, out_dir),
-                        providers=providers, graphs=graphs)
+    return write_bundle(ckpt, model, tokenizer, out_dir, dtype, opset=opset,
+                        name=name or default_name(ckpt, out_dir), providers=providers, graphs=graphs)
 
 
 def check_arguments(out_dir: Path, dtype: str, opset: int, graphs: str, force: bool) -> None:
@@ -354,7 +355,7 @@ def write_bundle(ckpt: dict[str, Any], model: Transformer, tokenizer: BundleToke
 
 
 def save_tokenizer(tokenizer: BundleTokenizer, out_dir: Path) -> list[str]:
-    """Write the bundle's tokenizer files; returns their names (one SentencePiece model, or a pair's files)."""
+    """Write the bundle's tokenizer files; returns their names (our one model, or a pair's files)."""
     if isinstance(tokenizer, PairTokenizer):
         return tokenizer.save(out_dir)
     tokenizer.save(out_dir / sb.TOKENIZER_FILE)

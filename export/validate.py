@@ -89,7 +89,8 @@ def max_diff(a: np.ndarray, b: torch.Tensor) -> float:
     return float(np.max(np.abs(a.astype(np.float32) - b.float().numpy()))) if a.size else 0.0
 
 
-def validation_sources(model: Transformer, tokenizer: BundleTokenizer, n_random: int, seed: int) -> list[list[int]]:
+def validation_sources(model: Transformer, tokenizer: BundleTokenizer, n_random: int,
+                       seed: int) -> list[list[int]]:
     """Source ids (EOS included) of the real sentences plus random-id sources of random lengths."""
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)

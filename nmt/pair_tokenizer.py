@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import sentencepiece as spm
 
@@ -54,7 +54,8 @@ class PairTokenizer:
         self.tgt_sp = spm.SentencePieceProcessor(model_proto=target_model)
         self.source_vocab = read_vocab(source_vocab, SOURCE_VOCAB)
         self.separate = target_vocab is not None
-        self.target_vocab = read_vocab(target_vocab, TARGET_VOCAB) if target_vocab is not None else self.source_vocab
+        self.target_vocab = (read_vocab(target_vocab, TARGET_VOCAB) if target_vocab is not None
+                             else self.source_vocab)
         self.id_to_piece = {i: p for p, i in self.target_vocab.items()}
         self.unk_id, self.eos_id, self.pad_id = (self.target_vocab[p] for p in (UNK, EOS, PAD))
         self.src_unk_id = self.source_vocab[UNK]
@@ -95,7 +96,8 @@ class PairTokenizer:
         return [self.id_to_piece.get(int(i), UNK) for i in ids]
 
     def files(self) -> dict[str, bytes]:
-        out = {SOURCE_MODEL: self.source_model, TARGET_MODEL: self.target_model, SOURCE_VOCAB: self.source_vocab_json}
+        out = {SOURCE_MODEL: self.source_model, TARGET_MODEL: self.target_model,
+               SOURCE_VOCAB: self.source_vocab_json}
         if self.target_vocab_json is not None:
             out[TARGET_VOCAB] = self.target_vocab_json
         return out
@@ -115,15 +117,16 @@ class PairTokenizer:
         d = Path(directory)
         try:
             target = entry["target_vocab"]
-            return cls.from_files(d / entry["source_model"], d / entry["target_model"], d / entry["source_vocab"],
-                                  None if target == entry["source_vocab"] else d / target)
+            source = entry["source_vocab"]
+            return cls.from_files(d / entry["source_model"], d / entry["target_model"], d / source,
+                                  None if target == source else d / target)
         except KeyError as e:
             raise BundleError(f"{d}: manifest tokenizer entry lacks {e}") from None
         except (OSError, ValueError, RuntimeError) as e:  # sentencepiece raises RuntimeError on bad protos
             raise BundleError(f"{d}: cannot load the tokenizer ({e})") from None
 
 
-BundleTokenizer = Union[Tokenizer, PairTokenizer]
+BundleTokenizer = Tokenizer | PairTokenizer
 
 
 def load_bundle_tokenizer(directory: str | Path, manifest: dict[str, Any]) -> BundleTokenizer:

@@ -45,8 +45,8 @@ def reference(marian_dir):
         hf = MarianMTModel.from_pretrained(str(marian_dir)).eval()
         tok = MarianTokenizer.from_pretrained(str(marian_dir))
     c = hf.config
-    cfg = ModelConfig(src_vocab_size=c.vocab_size, tgt_vocab_size=c.vocab_size, pad_id=c.pad_token_id, unk_id=1,
-                      bos_id=c.decoder_start_token_id, eos_id=c.eos_token_id)
+    cfg = ModelConfig(src_vocab_size=c.vocab_size, tgt_vocab_size=c.vocab_size, pad_id=c.pad_token_id,
+                      unk_id=1, bos_id=c.decoder_start_token_id, eos_id=c.eos_token_id)
     plain_generation(hf, cfg)
     sources = [tok(t)["input_ids"] for t in TEXTS]
     with torch_threads(1):
@@ -97,8 +97,8 @@ def test_manifest_records_origin_and_tokenizer_pair(marian_bundle, marian_dir):
     origin = m.raw["origin"]
     assert origin["format"] == "marian" and origin["model_dir"] == "opus-mt-en-de"
     assert origin["reference"]["passed"] and origin["reference"]["tokenization_identical"]
-    assert origin["model_options"] == {"activation": "swish", "embed_scale": True, "position_layout": "halves",
-                                       "output_bias": True, "pre_norm": False}
+    assert origin["model_options"] == {"activation": "swish", "embed_scale": True,
+                                       "position_layout": "halves", "output_bias": True, "pre_norm": False}
     assert m.raw["tokenizer"]["kind"] == "sentencepiece_pair"
     assert {"source.spm", "target.spm", "vocab.json"} <= set(m.files) and sb.TOKENIZER_FILE not in m.files
     assert m.optimizations == frozenset()  # post-norm: --graphs auto wrote the traced graphs
@@ -189,7 +189,8 @@ def test_bad_folders_fail_with_one_line(marian_dir, tmp_path, capsys, case, expe
 def test_not_a_folder_and_fused_graphs_are_refused(marian_dir, tmp_path, capsys):
     assert nmt_main(["import-marian", str(tmp_path / "nothing"), "--out", str(tmp_path / "b")]) == 2
     assert "not a directory" in capsys.readouterr().err
-    assert nmt_main(["import-marian", str(marian_dir), "--out", str(tmp_path / "b"), "--graphs", "fused"]) == 2
+    fused = ["import-marian", str(marian_dir), "--out", str(tmp_path / "b"), "--graphs", "fused"]
+    assert nmt_main(fused) == 2
     err = capsys.readouterr().err
     assert "--graphs fused cannot write this model (post-norm layers, swish activation" in err
     assert not (tmp_path / "b").exists()
