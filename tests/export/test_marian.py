@@ -116,6 +116,11 @@ def test_engine_greedy_is_transformers_greedy(translator, reference):
     results = translator.translate(TEXTS, GREEDY)
     assert [r.hypotheses[0].tokens for r in results] == reference["greedy"]
     assert [r.text for r in results] == reference["texts"]
+    aligned = translator.translate(TEXTS[:3], DecodeOptions(max_length_a=0, max_length_b=MAX_NEW,
+                                                            return_alignments=True))
+    for r, src in zip(aligned, reference["sources"]):
+        h = r.hypotheses[0]
+        assert len(h.alignment) == len(h.tokens) and all(0 <= a < len(src) for a in h.alignment)
 
 
 def test_engine_beam_is_transformers_beam(translator, reference):
