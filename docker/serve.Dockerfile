@@ -44,6 +44,16 @@ tabulate==0.10.0
 colorama==0.4.6
 lxml==6.1.3
 typing-extensions==4.16.0
+starlette==1.10.0
+uvicorn==0.55.0
+h11==0.16.0
+click==8.5.1
+anyio==4.16.0
+idna==3.20
+sniffio==1.3.1
+python-multipart==0.0.34
+py3langid==0.4.0
+pysbd==0.3.4
 EOF
 RUN pip install -r /tmp/requirements-serve.txt
 
@@ -72,8 +82,8 @@ RUN groupadd --system --gid 10001 nmt \
 USER nmt
 WORKDIR /home/nmt
 
-# gRPC and Prometheus metrics.
-EXPOSE 50051 9090
+# gRPC, Prometheus metrics and the HTTP API.
+EXPOSE 50051 9090 5000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["nmt", "health", "--server", "localhost:50051"]
 CMD ["nmt", "serve", "--model-dir", "/bundles/en-de", "--host", "0.0.0.0", "--port", "50051", \

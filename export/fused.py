@@ -11,8 +11,10 @@ Both ops have CPU and CUDA kernels. The IO contract is nmt.bundle's, unchanged, 
 extension recorded in the manifest (`optimizations`): the cross-attention K/V and encoder mask may
 hold one row per *source* while the other inputs hold `rows_per_source` rows each (beam search),
 the queries of a source's beams are then attended together (a reshape, no copy of the K/V).
-Only models of our own shape are written this way (`unsupported` lists what is not: post-norm,
-other activations, ...); the others keep the traced graphs.
+The alignment decoder is the same graph with the head-averaged cross-attention probabilities
+recomputed beside MHA (which does not return them). Only models of our own shape are written
+this way (`unsupported` lists what is not: post-norm, other activations, ...); the others keep
+the traced graphs.
 """
 
 from __future__ import annotations
@@ -123,8 +125,31 @@ class Builder:
         return y, out
 
 
+def cross_probs(b: Builder, qg: str, key: str, src_bias: str, q: str, heads: int, head_dim: int,
+                opset: int) -> str:
+    """Head-averaged softmax(q k^T + mask) of one cross-attention layer, as (R, 1, T, S).
+
+    MultiHeadAttention does not return its probabilities, so the alignment graph recomputes them
+    beside it from the same scaled queries and K/V; the MHA path that makes the log-probs is
+    untouched (the alignment graph's tokens and scores are the plain decoder's, bit for bit)."""
+    q4 = b.one("Reshape", [qg, b.const([0, 0, heads, head_dim])])  # (Bc, g*T, H, Dh)
+    q4 = b.one("Transpose", [q4], perm=[0, 2, 1, 3])  # (Bc, H, g*T, Dh)
+    k_t = b.one("Transpose", [key], perm=[0, 1, 3, 2])  # (Bc, H, Dh, S)
+    scores = b.one("Add", [b.one("MatMul", [q4, k_t]), src_bias])  # (Bc, H, g*T, S)
+    probs = b.one("Softmax", [scores], axis=-1)
+    if opset >= 18:  # ReduceMean takes its axes as an input from opset 18 on
+        mean = b.one("ReduceMean", [probs, b.const([1])], keepdims=0)
+    else:
+        mean = b.one("ReduceMean", [probs], axes=[1], keepdims=0)  # (Bc, g*T, S)
+    rows_t = b.one("Slice", [b.one("Shape", [q]), b.const([0]), b.const([2])])  # [R, T]
+    src_len = b.one("Slice", [b.one("Shape", [key]), b.const([2]), b.const([3])])  # [S]
+    mean = b.one("Reshape", [mean, b.one("Concat", [rows_t, src_len], axis=0)])  # (R, T, S)
+    return b.one("Unsqueeze", [mean, b.const([1])])  # (R, 1, T, S)
+
+
 def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bool = True) -> None:
-    """decoder.onnx with nmt.bundle's decoder IO, written with fused ops (pre-norm models only)."""
+    """The decoder with nmt.bundle's decoder IO and the alignment output (cross_attention, stripped
+    from decoder.onnx by the exporter as for traced graphs), written with fused ops (pre-norm only)."""
     cfg = model.cfg
     L, H, Dh, D = cfg.n_decoder_layers, cfg.n_heads, cfg.head_dim, cfg.d_model
     b = Builder(skip_layernorm)
@@ -140,7 +165,10 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
     # Cross-attention query layout: (Bc, -1, D) where Bc = the cross K/V's rows (see the module doc).
     q_shape = b.one("Concat", [b.one("Slice", [b.one("Shape", [sb.past_name(0, "encoder", "key")]),
                                                b.const([0]), b.const([1])]), b.const([-1, D])], axis=0)
+    src_bias = b.one("Unsqueeze", [b.one("Where", [sb.ENCODER_ATTENTION_MASK, zero, neg]),
+                                   b.const([1, 2])])  # (Bc, 1, 1, S), for the alignment probabilities
     layers: list[Any] = list(model.decoder_layers)
+    align: list[str] = []  # per layer (R, 1, T, S)
     h, x = b.skip_norm(tok, pe, layers[0].res_self.norm, None, "dec.0.ln_self")
     for i, layer in enumerate(layers):
         p = f"dec.{i}"
@@ -154,6 +182,7 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
         qg = b.one("Reshape", [q, q_shape])  # (Bc, rows_per_source * T, D)
         cross_kv = [sb.past_name(i, "encoder", "key"), sb.past_name(i, "encoder", "value")]
         att = b.one("MultiHeadAttention", [qg, *cross_kv, "", src_mask], domain=MS, num_heads=H, scale=1.0)
+        align.append(cross_probs(b, qg, cross_kv[0], src_bias, q, H, Dh, opset))
         att = b.one("Reshape", [att, b.one("Shape", [q])])  # (R, T, D)
         y = b.one("MatMul", [att, b.weight(f"{p}.cross.out.weight", ca.out_proj.weight.detach().float().T)])
         nxt = layers[i + 1].res_self.norm if i + 1 < L else model.decoder_norm
@@ -165,6 +194,7 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
     b.op("LogSoftmax", [b.one("MatMul", [h, gen])], outputs=[sb.LOG_PROBS], axis=-1)
     last = b.one("Gather", [sb.LOG_PROBS, b.weight("last", np.array(-1, np.int64))], axis=1)  # (R, V)
     b.op("TopK", [last, sb.TOP_K], outputs=[sb.TOPK_VALUES, sb.TOPK_INDICES], axis=-1)
+    b.op("Concat", align, outputs=[sb.CROSS_ATTENTION], axis=1)  # (R, L, T, S)
     kv: list[str | int] = ["batch", H, "past_len", Dh]
     cross: list[str | int] = ["src_batch", H, "src_len", Dh]
     inputs = [helper.make_tensor_value_info(sb.INPUT_IDS, INT64, ["batch", "new_len"]),
@@ -182,6 +212,8 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
     present: list[str | int] = ["batch", H, "total_len", Dh]
     outputs += [helper.make_tensor_value_info(sb.present_name(i, "decoder", w), FLOAT, present)
                 for i in range(L) for w in ("key", "value")]
+    align_shape: list[str | int] = ["batch", L, "new_len", "src_len"]
+    outputs.append(helper.make_tensor_value_info(sb.CROSS_ATTENTION, FLOAT, align_shape))
     save(b, inputs, outputs, path, opset, "nmt fused decoder")
 
 

@@ -317,18 +317,14 @@ def write_bundle(ckpt: dict[str, Any], model: Transformer, tokenizer: BundleToke
     try:
         start = time.perf_counter()
         export_graphs(model, tmp, opset, dtype)
+        fused = fused_style(graphs, dtype, model)
+        if fused:  # the traced encoder and decoder (with its alignment output) are replaced
+            write_fused(model, tmp, opset)
         if dtype == "int8":
             quantize_int8(tmp)
         elif dtype == "fp16":
             convert_fp16(tmp)
-        split_alignment_graph(tmp)
-        fused = fused_style(graphs, dtype, model)
-        if fused:  # the alignment graph stays the traced one; encoder and decoder are replaced
-            write_fused(model, tmp, opset)
-            if dtype == "int8":
-                quantize_int8(tmp)
-            elif dtype == "fp16":
-                convert_fp16(tmp)
+        split_alignment_graph(tmp)  # decoder.onnx and decoder_alignments.onnx from one graph
         optimizations = list(sb.FUSED_OPTIMIZATIONS) if fused else []
         for f in GRAPH_FILES:
             onnx.checker.check_model(str(tmp / f))

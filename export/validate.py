@@ -74,9 +74,10 @@ def load_sessions(graph_dir: Path, providers: list[str]) -> dict[str, ort.Infere
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # keep ORT's per-node warnings out of the export log
     opts.intra_op_num_threads = 1  # validation graphs are small; spinning worker threads only cost CPU
-    return {g: ort.InferenceSession(str(graph_dir / f), opts, providers=providers)
-            for g, f in (("encoder", sb.ENCODER_FILE), ("decoder", sb.DECODER_FILE),
-                         ("reorder", sb.REORDER_FILE))}
+    graphs = [("encoder", sb.ENCODER_FILE), ("decoder", sb.DECODER_FILE), ("reorder", sb.REORDER_FILE)]
+    if (graph_dir / sb.DECODER_ALIGNMENTS_FILE).exists():  # optional in a bundle
+        graphs.append(("decoder_alignments", sb.DECODER_ALIGNMENTS_FILE))
+    return {g: ort.InferenceSession(str(graph_dir / f), opts, providers=providers) for g, f in graphs}
 
 
 def np_dtype(session: ort.InferenceSession, name: str) -> type:
@@ -165,14 +166,18 @@ def check_decoder(model: Transformer, sess: ort.InferenceSession, src_mask: torc
     with torch.inference_mode():
         positions = torch.arange(T).unsqueeze(0).expand(B, T)  # (B, T)
         causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)  # (B, T, T)
-        logits, present = model.decode(targets, positions, causal, src_mask, cross, model.empty_past(B))
+        probs: list[torch.Tensor] = []  # per layer (B, H, T, S)
+        logits, present = model.decode(targets, positions, causal, src_mask, cross, model.empty_past(B),
+                                       probs)
         ref_lp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+        ref_align = torch.stack([p.mean(dim=1) for p in probs], dim=1)  # (B, L, T, S)
+    aligns = sb.CROSS_ATTENTION in {o.name for o in sess.get_outputs()}
     cache = empty_past(sess, model, B)
     for i, kv in enumerate(cross):
         for w, t in zip(("key", "value"), kv):
             name = sb.past_name(i, "encoder", w)
             cache[name] = t.numpy().astype(np_dtype(sess, name))
-    lp_diff = val_diff = 0.0
+    lp_diff = val_diff = align_diff = 0.0
     agree = topk_agree = 0
     for t in range(T):
         out = decoder_step(sess, targets[:, t:t + 1].numpy(), t, src_mask.numpy(), cache, top_k)
@@ -181,8 +186,12 @@ def check_decoder(model: Transformer, sess: ort.InferenceSession, src_mask: torc
         val_diff = max(val_diff, max_diff(out[sb.TOPK_VALUES], ref_vals))
         agree += int((out[sb.LOG_PROBS][:, -1].argmax(-1) == ref_lp[:, t].argmax(-1).numpy()).sum())
         topk_agree += int((out[sb.TOPK_INDICES] == ref_idx.numpy()).all(-1).sum())
+        if aligns:
+            align_diff = max(align_diff, max_diff(out[sb.CROSS_ATTENTION][:, :, -1], ref_align[:, :, t]))
         cache.update(next_past(out, cfg.n_decoder_layers))
     diffs = {f"decoder.{sb.LOG_PROBS}": lp_diff, f"decoder.{sb.TOPK_VALUES}": val_diff}
+    if aligns:
+        diffs[f"decoder.{sb.CROSS_ATTENTION}"] = align_diff
     for i, kv in enumerate(present):
         for w, ref in zip(("key", "value"), kv):
             name = sb.present_name(i, "decoder", w)
@@ -290,6 +299,10 @@ def run_checks(model: Transformer, tokenizer: BundleTokenizer, graph_dir: Path, 
     dec = check_decoder(model, sessions["decoder"], mask, cross, targets, top_k)
     reorder_ok = check_reorder(sessions["reorder"], np.random.default_rng(seed), len(srcs))
     diffs = {**enc_diffs, **dec["max_abs_diff"]}
+    if "decoder_alignments" in sessions:  # its own pass: the graph is a separate file
+        aligned = check_decoder(model, sessions["decoder_alignments"], mask, cross, targets, top_k)
+        for key, value in aligned["max_abs_diff"].items():
+            diffs[f"decoder_alignments.{key.split('.', 1)[1]}"] = value
     if grouped_cross:  # against the same graph with repeated K/V: any difference is the grouping's
         diffs["decoder.grouped_cross_kv.log_probs"] = check_grouped_cross(
             model, sessions["decoder"], mask, cross, targets[:, :4], top_k)

@@ -201,25 +201,36 @@ class Trainer:
         return torch.autocast("cuda", dtype=self.amp) if self.amp else nullcontext()
 
     def train_step(self) -> tuple[float, int]:
-        """grad_accum batches -> one update. Returns (mean loss per target token, target tokens)."""
+        """grad_accum batches per rank -> one update. Returns (mean loss per target token, target tokens),
+        both over all ranks."""
         model = self.ddp or self.model
         batches = [next(self.stream).to(self.device) for _ in range(self.tc.grad_accum)]
-        total = sum(b.n_tokens for b in batches)
+        total = self._all_ranks_sum(float(sum(b.n_tokens for b in batches)))
         loss_sum = 0.0
         for i, b in enumerate(batches):
             # Gradients are all-reduced once per update, on the last micro-batch.
             sync = nullcontext() if self.ddp is None or i == len(batches) - 1 else self.ddp.no_sync()
             with sync, self.autocast():
                 loss = self._loss(model, b, self.tc.label_smoothing) * (b.n_tokens / total)
-            self.scaler.scale(loss).backward()
+            # DDP averages gradients over ranks: times world, the update is the token-weighted mean
+            # over every rank's batches, the same as one process accumulating them all.
+            self.scaler.scale(loss * self.world).backward()
             loss_sum += float(loss.detach())
+        loss_sum = self._all_ranks_sum(loss_sum)
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.clip_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return loss_sum, total
+        return loss_sum, int(total)
+
+    def _all_ranks_sum(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
 
     @staticmethod
     def _loss(model: torch.nn.Module, b: Batch, label_smoothing: float) -> torch.Tensor:
@@ -306,10 +317,10 @@ class Trainer:
             t0 = time.monotonic()
             loss, tokens = self.train_step()
             self.step += 1
-            self.tokens_seen += tokens * self.world
+            self.tokens_seen += tokens
             dt = time.monotonic() - t0
             self.elapsed += dt
-            window_tokens, window_time = window_tokens + tokens * self.world, window_time + dt
+            window_tokens, window_time = window_tokens + tokens, window_time + dt
             bar.update(1)
             if self.step % self.tc.log_every == 0:
                 tps = window_tokens / max(window_time, 1e-9)

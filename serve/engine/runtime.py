@@ -218,12 +218,15 @@ class Runtime:
 class DecoderCache:
     """The running batch's device-resident decoder state; the search drives it row by row.
 
-    Every row of the batch is at the same target position (all rows start together with BOS),
-    so positions are one number and the self-attention mask is all True.
+    Rows may be of different ages (continuous batching joins new rows to a running batch): row r
+    has fed `lengths[r]` tokens, which sit in the last `lengths[r]` of the `position` slots of the
+    self-attention past (left padding, masked out). A batch whose rows all started together has
+    every length equal to `position`: positions are then one number and the mask all True.
     """
 
     def __init__(self, runtime: Runtime, cache: dict[str, Feed], rows: int):
         self.runtime, self.cache, self.rows, self.position = runtime, cache, rows, 0
+        self.lengths = np.zeros(rows, dtype=np.int64)  # (R,) tokens fed per row
         # A decoder layer index (negative from the end): set, every step also fetches that layer's
         # head-averaged cross-attention and keeps its argmax per row. None: a normal step.
         self.alignment_layer: int | None = None
@@ -237,8 +240,10 @@ class DecoderCache:
         rt, R, t = self.runtime, self.rows, self.position
         feeds: dict[str, Feed] = dict(self.cache)
         feeds[fmt.INPUT_IDS] = tokens.astype(np.int64).reshape(R, 1)  # (R, 1)
-        feeds[fmt.POSITION_IDS] = np.full((R, 1), t, dtype=np.int64)  # (R, 1)
-        feeds[fmt.SELF_ATTENTION_MASK] = np.ones((R, 1, t + 1), dtype=bool)  # (R, 1, t+1)
+        feeds[fmt.POSITION_IDS] = self.lengths.reshape(R, 1)  # (R, 1) each row's own position
+        # Slot j of row r holds one of its tokens when j >= t - lengths[r]; the new token's slot (t) always.
+        feeds[fmt.SELF_ATTENTION_MASK] = (np.arange(t + 1)[None, :]
+                                          >= (t - self.lengths)[:, None])[:, None, :]  # (R, 1, t+1)
         feeds[fmt.TOP_K] = np.array([k], dtype=np.int64)
         presents = [present for present, _ in self.self_pairs]
         host = [fmt.TOPK_VALUES, fmt.TOPK_INDICES]
@@ -254,6 +259,7 @@ class DecoderCache:
         for present, past in self.self_pairs:
             self.cache[past] = out[present]  # the cache never leaves the device
         self.position = t + 1
+        self.lengths = self.lengths + 1
         return out[fmt.TOPK_VALUES].numpy(), out[fmt.TOPK_INDICES].numpy()
 
     def keep(self, rows: np.ndarray) -> None:
@@ -264,3 +270,47 @@ class DecoderCache:
         out = self.runtime.reorder.run(feeds, [fmt.REORDERED_PREFIX + n for n in names])
         self.cache = {n: out[fmt.REORDERED_PREFIX + n] for n in names}
         self.rows = len(rows)
+        self.lengths = self.lengths[rows]
+
+    # -- continuous batching: rows of different ages in one batch -----------------------------
+    def join(self, other: DecoderCache) -> None:
+        """Append `other`'s rows (just encoded, nothing fed yet) after this batch's rows.
+
+        Cross-attention K/V and the encoder mask are padded to the longer source (masked), the
+        newcomers' self-attention past to this batch's length (left padding, masked by `lengths`).
+        The tensors are joined in host memory: once per admission, never per step.
+        """
+        if other.position != 0:
+            raise ValueError("only rows that have not been fed yet can join a running batch")
+        if self.rows == 0:
+            self.cache, self.rows, self.lengths = other.cache, other.rows, other.lengths
+            self.position = 0
+            return
+        rt = self.runtime
+        joined: dict[str, Feed] = {}
+        for name, mine in self.cache.items():
+            a, b = host(mine), host(other.cache[name])
+            axis = 1 if a.ndim == 2 else 2  # the encoder mask (R, S); K/V (R, H, S or T, Dh)
+            shape = list(a.shape)
+            shape[0], shape[axis] = a.shape[0] + b.shape[0], max(a.shape[axis], b.shape[axis])
+            both = np.zeros(shape, dtype=a.dtype)  # padding: zeros / False, masked by lengths and the mask
+            both[tuple(slice(0, n) for n in a.shape)] = a
+            both[(slice(a.shape[0], None),) + tuple(slice(0, n) for n in b.shape[1:])] = b
+            joined[name] = both if both.size == 0 else rt.to_device(both)  # an empty past binds as is
+        self.cache, self.rows = joined, self.rows + other.rows
+        self.lengths = np.concatenate([self.lengths, other.lengths])
+
+    def trim(self) -> int:
+        """Drop the leading past slots that no row uses any more (its oldest rows left); returns how many."""
+        unused = int(self.position - self.lengths.max()) if self.rows else self.position
+        if unused < max(8, self.position // 4):  # a copy of the past: worth it only for a real saving
+            return 0
+        for _, past in self.self_pairs:
+            self.cache[past] = self.runtime.to_device(host(self.cache[past])[:, :, unused:, :])
+        self.position -= unused
+        return unused
+
+
+def host(value: Feed) -> np.ndarray:
+    return value.numpy() if isinstance(value, ort.OrtValue) else value
+

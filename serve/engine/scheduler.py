@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -56,6 +57,12 @@ class BatchMetrics(Protocol):
 
     def set_queue_depth(self, model: str, texts: int) -> None: ...
 
+    def step_done(self, model: str, *, rows: int, seconds: float, generated: int) -> None: ...
+
+    def admitted(self, model: str, *, texts: int, tokens: int, queue_seconds: list[float]) -> None: ...
+
+    def first_step(self, model: str, seconds: float) -> None: ...
+
 
 @dataclass(eq=False)  # identity semantics: jobs are dict keys
 class Job:
@@ -85,6 +92,25 @@ class Job:
 
 
 Row = tuple[Job, int]  # (request, index of its text)
+
+
+def wait_for_room(cond: threading.Condition, queued: Callable[[], int], n: int, max_queue: int, name: str,
+                  stop: StopSignal, block: bool, closing: Callable[[], bool]) -> bool:
+    """With `cond` held: True once the queue has room for n more texts. Raises QueueFull when it will not
+    (over the bound, full and not blocking, or shutting down); False when `stop` was set while waiting."""
+    if n > max_queue:
+        raise QueueFull(f"{n} texts exceed the queue of model {name!r} ({max_queue})")
+    while True:
+        if closing():  # the loop thread may already be gone: queued work would never run
+            raise QueueFull(f"model {name!r} is shutting down")
+        if queued() + n <= max_queue:
+            return True
+        if not block:
+            raise QueueFull(f"the queue of model {name!r} is full ({queued()} texts waiting, "
+                            f"max {max_queue}); retry later")
+        if stop.stopped(time.monotonic()):
+            return False
+        cond.wait(0.05)
 
 
 class BatchScheduler:
@@ -123,23 +149,12 @@ class BatchScheduler:
         (until `stop` is set: then the returned future fails like a stopped request).
         With block=False a lone request on an idle model is decoded right here, before returning.
         """
-        if len(sources) > self.max_queue:
-            raise QueueFull(f"{len(sources)} texts exceed the queue of model {self.name!r} "
-                            f"({self.max_queue})")
         job = Job(sources, options, stop, time.monotonic())
         with self._cond:
-            if self._closing:  # the thread may already be gone: queued work would never run
-                raise QueueFull(f"model {self.name!r} is shutting down")
-            while len(self._rows) + len(sources) > self.max_queue:
-                if self._closing:
-                    raise QueueFull(f"model {self.name!r} is shutting down")
-                if not block:
-                    raise QueueFull(f"the queue of model {self.name!r} is full ({len(self._rows)} texts "
-                                    f"waiting, max {self.max_queue}); retry later")
-                if stop.stopped(time.monotonic()):
-                    job.fail(stop.error(time.monotonic()))
-                    return job.future
-                self._cond.wait(0.05)
+            if not wait_for_room(self._cond, lambda: len(self._rows), len(sources), self.max_queue, self.name,
+                                 stop, block, lambda: self._closing):
+                job.fail(stop.error(time.monotonic()))
+                return job.future
             if not sources:
                 job.future.set_result([])
                 return job.future

@@ -30,7 +30,7 @@ from nmt.decoding import (
 )
 from nmt.pair_tokenizer import BundleTokenizer, load_bundle_tokenizer
 from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS, pack_by_tokens
-from serve.engine.runtime import Runtime
+from serve.engine.runtime import DecoderCache, Runtime
 from serve.engine.search import beam_search, greedy_search
 
 GREEDY = DecodeOptions()
@@ -134,7 +134,12 @@ class Translator:
         # costs more than encoding a request's few sentences.
         return [self.tokenizer.encode(text) + [self.manifest.eos_id] for text in texts]
 
-    def check_sources(self, sources: list[list[int]]) -> None:
+    def check(self, sources: list[list[int]], options: DecodeOptions) -> None:
+        """InvalidRequest unless the options are valid and this model can decode these sources with them."""
+        options.validate()
+        if options.return_alignments and not self.runtime.has_alignments:
+            raise InvalidRequest(f"model {self.name!r} was exported without the cross_attention output: "
+                                 f"re-export it to get alignments")
         check_sources(sources, self.max_source_tokens, self.manifest.vocab_size, model=self.name)
 
     def translate(self, texts: list[str], options: DecodeOptions = GREEDY,
@@ -160,11 +165,7 @@ class Translator:
                       max_batch_tokens: int | None = None) -> list[list[Hypothesis] | None]:
         """Token-level entry: n_best hypotheses per source (with text), or None for a source whose
         stop signal was set (it leaves the running batch at the next step, the others go on)."""
-        options.validate()
-        if options.return_alignments and not self.runtime.has_alignments:
-            raise InvalidRequest(f"model {self.name!r} was exported without the cross_attention output: "
-                                 f"re-export it to get alignments")
-        self.check_sources(sources)
+        self.check(sources, options)
         stops = list(stops) if stops is not None else [None] * len(sources)
         if len(stops) != len(sources):
             raise InvalidRequest(f"{len(stops)} stop signals for {len(sources)} sources")
@@ -175,6 +176,20 @@ class Translator:
                                                         [stops[i] for i in batch])):
                 results[i] = hyps
         return results
+
+    def encode(self, sources: list[list[int]]) -> DecoderCache:
+        """Encode sources as one padded batch: the decoder state of their rows, nothing fed yet."""
+        lengths = np.array([len(s) for s in sources])  # (B,)
+        S = int(lengths.max())
+        src = np.full((len(sources), S), self.manifest.pad_id, dtype=np.int64)  # (B, S)
+        for r, ids in enumerate(sources):
+            src[r, :len(ids)] = ids
+        src_mask = np.arange(S)[None, :] < lengths[:, None]  # (B, S)
+        return self.runtime.start(src, src_mask)
+
+    def budget(self, source_tokens: int, options: DecodeOptions) -> int:
+        """Tokens a source of this length may generate (EOS included)."""
+        return max_new_tokens(source_tokens, options, self.manifest.max_positions)
 
     def decode_batch(self, sources: list[list[int]], options: DecodeOptions,
                      stops: list[StopSignal | None]) -> list[list[Hypothesis] | None]:
@@ -188,16 +203,10 @@ class Translator:
         if not live:
             return out
         m = self.manifest
-        lengths = np.array([len(sources[i]) for i in live])  # (B,)
-        S = int(lengths.max())
-        src = np.full((len(live), S), m.pad_id, dtype=np.int64)  # (B, S)
-        for r, i in enumerate(live):
-            src[r, :len(sources[i])] = sources[i]
-        src_mask = np.arange(S)[None, :] < lengths[:, None]  # (B, S)
-        cache = self.runtime.start(src, src_mask)
+        cache = self.encode([sources[i] for i in live])
         if options.return_alignments:
             cache.alignment_layer = self.alignment_layer
-        budgets = [max_new_tokens(int(n), options, m.max_positions) for n in lengths]
+        budgets = [self.budget(len(sources[i]), options) for i in live]
         row_stopped = lambda r: stopped(live[r])  # noqa: E731 - search rows -> batch indices
         if options.beam_size == 1:
             found = [None if h is None else [h] for h in greedy_search(

@@ -5,7 +5,7 @@
         print(results[0].text)
 
 Results are the engine's own dataclasses (nmt.decoding.TranslationResult), so code works the same
-against a server or an in-process Translator. Failures raise serve.server.status.TranslatorError, a
+against a server or an in-process Translator. Failures raise serve.protocol.errors.TranslatorError, a
 grpc.RpcError whose code() keeps the status (e.retryable for UNAVAILABLE / RESOURCE_EXHAUSTED).
 
     nmt translate "A man is riding a bike." --server localhost:50051 [--beam-size 4] [--n-best 2 --scores]
@@ -15,6 +15,7 @@ grpc.RpcError whose code() keeps the status (e.retryable for UNAVAILABLE / RESOU
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -31,6 +32,16 @@ from serve.protocol.convert import options_to_proto, result_from_proto
 from serve.protocol.errors import TranslatorError
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's limit is what counts; do not be the smaller side
+RETRY_ATTEMPTS = 4  # attempts per call (first one included) for UNAVAILABLE; 1 turns retries off
+
+
+def retry_service_config(attempts: int) -> str:
+    """gRPC service config: calls failing with UNAVAILABLE (nothing was translated: a server or balancer
+    that is stopping, restarting or has no server left) are sent again after a jittered backoff,
+    at most `attempts` times in all. The deadline covers every attempt; other codes are not retried."""
+    policy = {"maxAttempts": attempts, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+              "retryableStatusCodes": ["UNAVAILABLE"]}
+    return json.dumps({"methodConfig": [{"name": [{"service": "nmt.v1.Translator"}], "retryPolicy": policy}]})
 
 
 @dataclass
@@ -46,11 +57,16 @@ class TranslatorClient:
     """A channel to one server. Thread-safe: share one client between threads."""
 
     def __init__(self, target: str, auth_token: str | None = None, tls_ca: str | Path | bytes | None = None,
-                 tls: bool = False):
+                 tls: bool = False, retry_attempts: int = RETRY_ATTEMPTS, user_agent: str | None = None):
         """target "host:port"; tls_ca: PEM root certificate (path or bytes) that signed the server's
-        certificate, implies TLS; tls=True uses the system roots."""
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        certificate, implies TLS; tls=True uses the system roots; retry_attempts: see RETRY_ATTEMPTS."""
+        options: list[tuple[str, str | int]] = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if retry_attempts > 1:
+            options += [("grpc.enable_retries", 1),
+                        ("grpc.service_config", retry_service_config(retry_attempts))]
+        if user_agent:
+            options.append(("grpc.primary_user_agent", user_agent))
         if tls_ca is not None or tls:
             root = tls_ca if isinstance(tls_ca, bytes) or tls_ca is None else Path(tls_ca).read_bytes()
             creds = grpc.ssl_channel_credentials(root_certificates=root)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from nmt.bundle import BundleError, read_manifest
 from nmt.errors import EXIT_FAILURE, UserError
+from serve.server.keys import KeyStore, read_keys_file
 from serve.server.metrics import Metrics
-from serve.server.registry import BatchingConfig, ModelRegistry
+from serve.server.registry import BATCHING_MODES, BatchingConfig, ModelRegistry
 from serve.server.server import ServerConfig, create_server
 from serve.server.servicer import Limits
 
@@ -37,12 +38,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port, printed at start)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this HTTP port")
+    p.add_argument("--http-port", type=int,
+                   help="also serve the LibreTranslate-compatible HTTP API and the translate page "
+                        "on this port (0: any free port, printed at start); off by default")
+    p.add_argument("--keys-file", type=Path,
+                   help="JSON API keys with per-key requests/characters per minute (serve/server/keys.py); "
+                        "required on HTTP and gRPC, beside --auth-token")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per operator")
+    p.add_argument("--batching", choices=BATCHING_MODES, default=b.mode,
+                   help="continuous: requests join the running batch at every decoding step; "
+                        "static: one batch of same-option requests at a time")
     p.add_argument("--max-batch-tokens", type=int, default=b.max_batch_tokens,
-                   help="source tokens x beam size per engine batch")
+                   help="padded tokens per batch: continuous: rows x (longest source + longest budget); "
+                        "static: sources x beam x longest source")
     p.add_argument("--max-delay-ms", type=float, default=b.max_delay * 1e3,
-                   help="how long a batch may wait for more requests while requests overlap")
+                   help="static: how long a batch may wait for more requests while requests overlap")
     p.add_argument("--batch-wait", choices=("adaptive", "always"), default="adaptive",
                    help="adaptive: a lone request does not wait (latency); always: wait every time")
     p.add_argument("--max-queue", type=int, default=b.max_queue,
@@ -76,7 +87,8 @@ def build_config(args: argparse.Namespace) -> tuple[ServerConfig, BatchingConfig
         raise UserError("--max-delay-ms and --drain-seconds must be >= 0")
     if args.max_texts > args.max_queue:
         raise UserError(f"--max-texts ({args.max_texts}) cannot exceed --max-queue ({args.max_queue})")
-    for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
+    for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port),
+                       ("--http-port", args.http_port)):
         if port is not None and not 0 <= port <= 65535:
             raise UserError(f"{flag} must be in [0, 65535], got {port}")
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -90,10 +102,15 @@ def build_config(args: argparse.Namespace) -> tuple[ServerConfig, BatchingConfig
         raise UserError(f"cannot read {e.filename}: {e.strerror}") from None
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars,
                     max_message_bytes=int(args.max_message_mb * 2**20))
+    try:
+        keys = KeyStore(read_keys_file(args.keys_file), args.auth_token) if args.keys_file else None
+    except ValueError as e:
+        raise UserError(f"--keys-file: {e}") from None
     config = ServerConfig(host=args.host, port=args.port, limits=limits, auth_token=args.auth_token,
-                          tls_cert=cert, tls_key=key, workers=args.workers)
-    batching = BatchingConfig(max_batch_tokens=args.max_batch_tokens, max_delay=args.max_delay_ms / 1e3,
-                              max_queue=args.max_queue, always_wait=args.batch_wait == "always")
+                          tls_cert=cert, tls_key=key, workers=args.workers, keys=keys)
+    batching = BatchingConfig(mode=args.batching, max_batch_tokens=args.max_batch_tokens,
+                              max_delay=args.max_delay_ms / 1e3, max_queue=args.max_queue,
+                              always_wait=args.batch_wait == "always")
     return config, batching
 
 
@@ -105,6 +122,19 @@ def check_bundles(dirs: list[Path]) -> None:
         if name in names:
             raise BundleError(f"{d} and {names[name]} are both named {name!r}; model names must be unique")
         names[name] = d
+
+
+def start_http_api(registry: ModelRegistry, config: ServerConfig, metrics: Metrics,
+                   args: argparse.Namespace):
+    """The HTTP API on --http-port, on the same registry (so the same schedulers) as gRPC."""
+    from serve.server.http_api import HttpState, build_app
+    from serve.server.http_server import HttpServer
+
+    keys = config.keys or KeyStore(token=config.auth_token)
+    state = HttpState(registry, config.limits, keys, metrics)
+    api = HttpServer(build_app(state), args.host, args.http_port, grace=args.drain_seconds)
+    api.start()
+    return api
 
 
 def main(argv: list[str]) -> int:
@@ -123,10 +153,12 @@ def main(argv: list[str]) -> int:
     try:
         server, port = create_server(registry, config, metrics)
         http = metrics.serve_http(args.metrics_port, args.host) if args.metrics_port is not None else None
+        api = start_http_api(registry, config, metrics, args) if args.http_port is not None else None
     except OSError as e:
         raise UserError(str(e), EXIT_FAILURE) from None
     print(f"nmt serve: listening on {args.host}:{port}"
-          + (f", metrics on :{http.server_port}" if http else ""), file=sys.stderr, flush=True)
+          + (f", metrics on :{http.server_port}" if http else "")
+          + (f", http on :{api.port}" if api else ""), file=sys.stderr, flush=True)
     try:
         from serve.engine.translator import EngineConfig, Translator
 
@@ -139,6 +171,8 @@ def main(argv: list[str]) -> int:
             log.info("loaded %s (%s->%s) from %s on %s", translator.name, translator.src_lang,
                      translator.tgt_lang, d, translator.provider)
     except Exception as e:  # nothing half-started stays up: stop and say why in one line
+        if api is not None:
+            api.stop(0)
         server.stop()
         raise UserError(f"cannot load {d}: {e}", EXIT_FAILURE) from None
     if not stop.is_set():
@@ -147,6 +181,8 @@ def main(argv: list[str]) -> int:
     while not stop.wait(0.5):
         pass
     log.info("draining (up to %.0fs)", args.drain_seconds)
+    if api is not None:  # first: its requests in flight need the schedulers that drain() stops
+        api.stop(args.drain_seconds)
     server.drain(args.drain_seconds)
     if http is not None:
         http.shutdown()

@@ -6,6 +6,8 @@
     nmt_batch_texts / nmt_batch_tokens         batch sizes the scheduler formed
     rate(nmt_generated_tokens_total[1m])       tokens/s out (nmt_source_tokens_total: in)
     nmt_queue_depth                            texts waiting per model
+    nmt_step_rows / nmt_step_seconds           continuous batching: running-batch rows and time per step
+    nmt_first_step_seconds                     arrival of a text to its first decoder step
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("nmt_queue_seconds", "Time a text waited for its batch",
                                     ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.compute_time = Histogram("nmt_compute_seconds", "Engine time of one batch", ["model"],
-                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_time = Histogram("nmt_compute_seconds", "Engine time of a batch (static) or a step",
+                                      ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_texts = Histogram("nmt_batch_texts", "Texts per engine batch", ["model"],
                                      buckets=SIZE_BUCKETS, registry=r)
         self.batch_tokens = Histogram("nmt_batch_tokens", "Source tokens per engine batch", ["model"],
@@ -36,6 +38,13 @@ class Metrics:
         self.generated_tokens = Counter("nmt_generated_tokens", "Target tokens generated (best hypotheses)",
                                         ["model"], registry=r)
         self.queue_depth = Gauge("nmt_queue_depth", "Texts waiting for the engine", ["model"], registry=r)
+        # Continuous batching: the running batch at every decoder step.
+        self.step_rows = Histogram("nmt_step_rows", "Rows of the running batch per decoder step", ["model"],
+                                   buckets=SIZE_BUCKETS, registry=r)
+        self.step_time = Histogram("nmt_step_seconds", "Time of one decoder step of the running batch",
+                                   ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.first_step_time = Histogram("nmt_first_step_seconds", "Arrival of a text to its first step",
+                                         ["model"], buckets=LATENCY_BUCKETS, registry=r)
 
     def request_done(self, method: str, model: str, code: str, seconds: float) -> None:
         self.requests.labels(method, model, code).inc()
@@ -50,6 +59,23 @@ class Metrics:
         self.batch_tokens.labels(model).observe(tokens)
         self.source_tokens.labels(model).inc(tokens)
         self.generated_tokens.labels(model).inc(generated)
+
+    def admitted(self, model: str, *, texts: int, tokens: int, queue_seconds: list[float]) -> None:
+        """Texts that joined a running batch (continuous batching)."""
+        for s in queue_seconds:
+            self.queue_time.labels(model).observe(s)
+        self.batch_texts.labels(model).observe(texts)
+        self.source_tokens.labels(model).inc(tokens)
+
+    def step_done(self, model: str, *, rows: int, seconds: float, generated: int) -> None:
+        """One decoder step of a running batch (continuous batching): its engine time is the compute time."""
+        self.step_rows.labels(model).observe(rows)
+        self.step_time.labels(model).observe(seconds)
+        self.compute_time.labels(model).observe(seconds)
+        self.generated_tokens.labels(model).inc(generated)
+
+    def first_step(self, model: str, seconds: float) -> None:
+        self.first_step_time.labels(model).observe(seconds)
 
     def set_queue_depth(self, model: str, texts: int) -> None:
         self.queue_depth.labels(model).set(texts)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from nmt.decoding import InvalidRequest
+from serve.engine.continuous import ContinuousScheduler
 from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS
 from serve.engine.scheduler import BatchScheduler
 from serve.server.metrics import Metrics
@@ -18,22 +19,31 @@ if TYPE_CHECKING:  # the registry itself never builds one
     from serve.engine.translator import Translator
 
 
+Scheduler = BatchScheduler | ContinuousScheduler  # the same submit / queued / close
+
+
 class NotReady(Exception):
     """Models are still loading, or the server is draining."""
 
 
+BATCHING_MODES = ("continuous", "static")
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # padded source tokens x beam size per engine batch
-    max_delay: float = 0.002  # seconds the scheduler lets the queue fill once work arrived
+    # continuous: texts join and leave the running batch at every decoder step (serve.engine.continuous);
+    # static: one batch of requests with identical options at a time (serve.engine.scheduler).
+    mode: str = "continuous"
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # padded tokens per batch (see the two schedulers)
+    max_delay: float = 0.002  # static: seconds the scheduler lets the queue fill once work arrived
     max_queue: int = 1024  # texts waiting per model; beyond it RESOURCE_EXHAUSTED
-    always_wait: bool = False  # wait max_delay even for a lone request (default: only while requests overlap)
+    always_wait: bool = False  # static: wait max_delay even for a lone request (default: while overlapping)
 
 
 @dataclass
 class ServedModel:
     translator: Translator
-    scheduler: BatchScheduler
+    scheduler: Scheduler
 
     @property
     def name(self) -> str:
@@ -57,8 +67,14 @@ class ModelRegistry:
             if any(m.name == translator.name for m in self._models):
                 raise ValueError(f"two bundles are named {translator.name!r}; model names must be unique")
             b = self.batching
-            scheduler = BatchScheduler(translator, max_batch_tokens=b.max_batch_tokens, max_delay=b.max_delay,
-                                       max_queue=b.max_queue, always_wait=b.always_wait, metrics=self.metrics)
+            scheduler: Scheduler
+            if b.mode == "continuous":
+                scheduler = ContinuousScheduler(translator, max_batch_tokens=b.max_batch_tokens,
+                                                max_queue=b.max_queue, metrics=self.metrics)
+            else:
+                scheduler = BatchScheduler(translator, max_batch_tokens=b.max_batch_tokens,
+                                           max_delay=b.max_delay, max_queue=b.max_queue,
+                                           always_wait=b.always_wait, metrics=self.metrics)
             model = ServedModel(translator, scheduler)
             self._models.append(model)
             return model

@@ -22,6 +22,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serve.protocol.convert import SERVICE
+from serve.server.handlers import behaviour, rewrap
+from serve.server.keys import KeyInterceptor, KeyStore
 from serve.server.metrics import Metrics
 from serve.server.registry import ModelRegistry
 from serve.server.servicer import Limits, TranslatorServicer, generic_handler
@@ -42,6 +44,7 @@ class ServerConfig:
     tls_key: bytes | None = None
     workers: int = 64  # RPCs handled at once (each waits on the scheduler while its texts are decoded)
     max_concurrent_rpcs: int = 256  # beyond this grpc answers RESOURCE_EXHAUSTED at once
+    keys: KeyStore | None = None  # per-key limits (serve.server.keys); replaces the auth_token check
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
@@ -63,13 +66,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
 
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+        return rewrap(handler, deny)
 
 
 class InFlightInterceptor(grpc.ServerInterceptor):
@@ -94,25 +91,21 @@ class InFlightInterceptor(grpc.ServerInterceptor):
         if handler is None or not details.method.startswith(f"/{SERVICE}/"):
             return handler
         self._add(1)
-        if handler.request_streaming:
-            stream = handler.stream_stream
-
-            def counted_stream(requests, context):
+        inner = behaviour(handler)
+        if handler.response_streaming:
+            def counted_stream(request, context):
                 try:
-                    yield from stream(requests, context)
+                    yield from inner(request, context)
                 finally:
                     self._add(-1)
-            return grpc.stream_stream_rpc_method_handler(counted_stream, handler.request_deserializer,
-                                                         handler.response_serializer)
-        unary = handler.unary_unary
+            return rewrap(handler, counted_stream)
 
-        def counted_unary(request, context):
+        def counted(request, context):
             try:
-                return unary(request, context)
+                return inner(request, context)
             finally:
                 self._add(-1)
-        return grpc.unary_unary_rpc_method_handler(counted_unary, handler.request_deserializer,
-                                                   handler.response_serializer)
+        return rewrap(handler, counted)
 
 
 class TranslationServer:
@@ -160,7 +153,9 @@ def create_server(registry: ModelRegistry, config: ServerConfig = ServerConfig()
     in_flight = InFlightInterceptor()
     # Outermost first; the status mapping wraps the handlers themselves.
     interceptors: list[grpc.ServerInterceptor] = [in_flight, StatusInterceptor(SERVICE)]
-    if config.auth_token:
+    if config.keys is not None:
+        interceptors.insert(0, KeyInterceptor(config.keys, f"/{HEALTH_SERVICE}/", f"/{SERVICE}/Translate"))
+    elif config.auth_token:
         interceptors.insert(0, BearerTokenInterceptor(config.auth_token))
     server = grpc.server(ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
                          interceptors=interceptors, options=options,

@@ -67,6 +67,26 @@ class Call:
     model: str = ""
 
 
+# -- request checks shared by every front door (gRPC here, HTTP in serve.server.http_api) ----------
+def check_texts(texts: list[str], limits: Limits, name: str = "texts") -> None:
+    """Count and length limits of one request's texts; InvalidRequest names the first one broken."""
+    n = len(texts)
+    if n == 0:
+        raise InvalidRequest(f"{name} is empty: send at least one text")
+    if n > limits.max_texts:
+        raise InvalidRequest(f"too many texts: {n}, at most {limits.max_texts} per request")
+    for i, text in enumerate(texts):
+        if len(text) > limits.max_chars:
+            raise InvalidRequest(f"{name}[{i}] is {len(text)} characters long, at most {limits.max_chars}")
+
+
+def tokenize_checked(model: ServedModel, texts: list[str]) -> list[list[int]]:
+    """Source ids of each text for `model`; InvalidRequest for one longer than the model accepts."""
+    sources = model.translator.tokenize(texts)
+    check_sources(sources, model.translator.max_source_tokens, name="texts[{}]".format, model=model.name)
+    return sources
+
+
 # -- the service ------------------------------------------------------------------------------------
 class TranslatorServicer:
     def __init__(self, registry: ModelRegistry, limits: Limits, metrics: Metrics):
@@ -76,19 +96,10 @@ class TranslatorServicer:
         """Validate a request. InvalidRequest names the problem."""
         if isinstance(request, Malformed):
             raise InvalidRequest(request.error)
-        n, lim = len(request.texts), self.limits
-        if n == 0:
-            raise InvalidRequest("texts is empty: send at least one text")
-        if n > lim.max_texts:
-            raise InvalidRequest(f"too many texts: {n}, at most {lim.max_texts} per request")
-        for i, text in enumerate(request.texts):
-            if len(text) > lim.max_chars:
-                raise InvalidRequest(f"texts[{i}] is {len(text)} characters long, at most {lim.max_chars}")
+        check_texts(list(request.texts), self.limits)
         options = options_from_proto(request.options)
         model = self.registry.resolve(request.model, request.source_language, request.target_language)
-        sources = model.translator.tokenize(list(request.texts))
-        check_sources(sources, model.translator.max_source_tokens, name="texts[{}]".format, model=model.name)
-        return Prepared(model, sources, options)
+        return Prepared(model, tokenize_checked(model, list(request.texts)), options)
 
     def _response(self, request: pb.TranslateRequest, p: Prepared,
                   hyps: list[list[Hypothesis]]) -> pb.TranslateResponse:

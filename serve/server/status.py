@@ -16,6 +16,7 @@ import grpc
 
 from nmt.decoding import Cancelled, DeadlineExceeded, InvalidRequest
 from serve.engine.scheduler import QueueFull
+from serve.server.handlers import behaviour, rewrap
 from serve.server.registry import NotReady
 
 log = logging.getLogger("nmt.serve")
@@ -80,13 +81,4 @@ class StatusInterceptor(grpc.ServerInterceptor):
         if handler is None or not details.method.startswith(self._prefix):
             return handler
         method = details.method[len(self._prefix):]
-        kinds = {
-            (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-            (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-            (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-            (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-        }
-        attr, make = kinds[(handler.request_streaming, handler.response_streaming)]
-        return make(_mapped(getattr(handler, attr), method, handler.response_streaming),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        return rewrap(handler, _mapped(behaviour(handler), method, handler.response_streaming))

@@ -47,7 +47,7 @@ def top_level(modules: set[str]) -> set[str]:
 def test_serving_modules_and_engine_work_without_torch(tiny_bundle):
     out = run_blocked(f"""
         import serve.jobs.job, serve.jobs.backends, serve.server.cli, serve.protocol.client
-        import serve.protocol.health, serve.server.server
+        import serve.protocol.health, serve.server.server, serve.server.http_api, serve.server.http_server
         from serve.engine.translator import EngineConfig, Translator
         from nmt.decoding import DecodeOptions
         t = Translator.from_bundle({str(tiny_bundle)!r}, EngineConfig(device="cpu"))

@@ -1,4 +1,4 @@
-"""Deployment files checked without a Docker engine: compose, CPU override, Envoy, Prometheus, images.
+"""Deployment files checked without a Docker engine: compose, CPU override, HAProxy, Prometheus, images.
 
 What can run here does: the `server` service's exact command starts on a tiny bundle and answers its
 own health check, every `nmt` flag the deployment uses exists in `nmt CMD --help`, and the demo reuses
@@ -109,15 +109,15 @@ def gpu_devices(service: dict) -> list:
 
 def test_services_and_profiles():
     services = compose()["services"]
-    assert set(services) == {"server", "train", "export", "replica", "envoy", "prometheus"}
+    assert set(services) == {"server", "train", "export", "replica", "balancer", "prometheus"}
     assert "profiles" not in services["server"]  # `docker compose up` starts the server and nothing else
     for name in JOB_SERVICES:
         assert services[name]["profiles"] == ["jobs"]
         assert services[name]["restart"] == "no"
-    for name in ("replica", "envoy", "prometheus"):
+    for name in ("replica", "balancer", "prometheus"):
         assert services[name]["profiles"] == ["scale"]
     assert services["replica"]["deploy"]["replicas"] >= 2
-    assert "ports" not in services["replica"]  # replicas are reached through Envoy only
+    assert "ports" not in services["replica"]  # replicas are reached through the balancer only
 
 
 @pytest.mark.parametrize("name", SERVER_SERVICES + JOB_SERVICES)
@@ -148,8 +148,8 @@ def test_jobs_and_servers_share_volumes():
 def test_server_ports_healthcheck_and_drain(name):
     svc = compose()["services"][name]
     cmd = service_cmd(compose(), name)
-    port, metrics = flag(cmd, "--port"), flag(cmd, "--metrics-port")
-    assert {port, metrics} <= set(svc["expose"])
+    port, metrics, http = flag(cmd, "--port"), flag(cmd, "--metrics-port"), flag(cmd, "--http-port")
+    assert {port, metrics, http} <= set(svc["expose"])
     assert svc["healthcheck"]["test"] == ["CMD", "nmt", "health", "--server", f"localhost:{port}"]
     assert flag(cmd, "--host") == "0.0.0.0"  # reachable from other containers
     assert svc["restart"] == "unless-stopped" and svc["stop_signal"] == "SIGTERM"
@@ -157,7 +157,7 @@ def test_server_ports_healthcheck_and_drain(name):
     # Compose must let the drain finish before SIGKILL, without waiting much longer than it.
     assert drain < seconds(svc["stop_grace_period"]) <= drain + 30
     if name == "server":
-        assert {p.split(":")[1] for p in svc["ports"]} == {port, metrics}
+        assert {p.split(":")[1].split()[0] for p in svc["ports"]} == {port, metrics, http}
 
 
 def test_cpu_override_drops_gpu_and_changes_only_the_device():
@@ -260,30 +260,55 @@ def test_docker_compose_config_validates(tmp_path):
         assert "nvidia" not in r.stdout
 
 
-def test_envoy_balances_grpc_over_the_servers_with_health_checks():
-    envoy = load_yaml("deploy/envoy.yaml")
-    svc = compose()["services"]["envoy"]
-    config_path = svc["command"][svc["command"].index("-c") + 1]
-    assert mounts(svc)[config_path] == ("./deploy/envoy.yaml", "ro")
-    [listener] = envoy["static_resources"]["listeners"]
-    published = {p.split(":")[1]: p.split(":")[0] for p in svc["ports"]}
-    assert str(listener["address"]["socket_address"]["port_value"]) in published
-    assert str(envoy["admin"]["address"]["socket_address"]["port_value"]) in published
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    [route] = hcm["route_config"]["virtual_hosts"][0]["routes"]
-    [cluster] = envoy["static_resources"]["clusters"]
-    assert route["route"]["cluster"] == cluster["name"] and route["match"]["grpc"] == {}
-    options = cluster["typed_extension_protocol_options"][
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
-    assert "http2_protocol_options" in options["explicit_http_config"]
-    assert cluster["type"] == "STRICT_DNS"  # one address per replica container
-    [check] = cluster["health_checks"]
-    assert "grpc_health_check" in check
-    endpoints = [e["endpoint"]["address"]["socket_address"]
-                 for group in cluster["load_assignment"]["endpoints"] for e in group["lb_endpoints"]]
-    assert {e["address"] for e in endpoints} == set(SERVER_SERVICES)
-    for e in endpoints:
-        assert str(e["port_value"]) == flag(service_cmd(compose(), e["address"]), "--port")
+def haproxy_sections() -> dict[str, list[str]]:
+    """deploy/haproxy.cfg as {"backend nmt_servers": [directive lines], ...}, comments dropped."""
+    sections: dict[str, list[str]] = {}
+    current = ""
+    for line in (REPO / "deploy/haproxy.cfg").read_text(encoding="utf-8").splitlines():
+        text = line.split("#", 1)[0].rstrip() if not line.lstrip().startswith("http-error") else line.rstrip()
+        if not text.strip():
+            continue
+        if not text[0].isspace():
+            current = text.strip()
+            sections[current] = []
+        else:
+            sections[current].append(text.strip())
+    return sections
+
+
+def test_haproxy_balances_grpc_over_the_servers_with_health_checks():
+    """The balancer service runs deploy/haproxy.cfg (the file the drill runs); HTTP/2 both sides, the gRPC
+    health check, retries of dropped calls, UNAVAILABLE for its own errors, the servers on their --port."""
+    svc = compose()["services"]["balancer"]
+    config_path = svc["command"][svc["command"].index("-f") + 1]
+    assert mounts(svc)[config_path] == ("./deploy/haproxy.cfg", "ro")
+    published = {p.split(":")[1] for p in svc["ports"]}
+    cfg = haproxy_sections()
+    binds = {sec: [d.split()[1] for d in lines if d.startswith("bind ")] for sec, lines in cfg.items()}
+    assert binds["frontend grpc"] == [":8080"] and "proto h2" in " ".join(cfg["frontend grpc"])
+    assert {b.lstrip(":") for b in binds["frontend grpc"] + binds["frontend metrics"]} <= published
+    backend = cfg["backend nmt_servers"]
+    assert any(d.startswith("default-server proto h2 check") for d in backend)
+    assert "tcp-check send-binary 0000050001000000010000000000" in backend  # an empty HealthCheckRequest
+    assert "tcp-check expect binary 00000000020801" in backend  # status SERVING
+    headers = backend[backend.index("tcp-check send-binary 000000040000000000") + 1]
+    request = bytes.fromhex(headers.split()[-1])
+    assert b"/grpc.health.v1.Health/Check" in request and b"application/grpc" in request
+    defaults = cfg["defaults"]
+    assert "mode http" in defaults and "retry-on conn-failure empty-response" in defaults
+    assert all(any(d.startswith(f"http-error status {c} hdr grpc-status 14") for d in defaults)
+               for c in (502, 503, 504))
+    servers = [d.split() for d in backend if d.startswith(("server ", "server-template "))]
+    addresses = {(w[2] if w[0] == "server" else w[3]).split(":")[0]: w for w in servers}
+    assert set(addresses) == set(SERVER_SERVICES)
+    for host, words in addresses.items():
+        port = (words[2] if words[0] == "server" else words[3]).split(":")[1]
+        assert port == flag(service_cmd(compose(), host), "--port")
+        assert "resolvers" in words  # Docker's DNS: one address per container, re-resolved
+    if shutil.which("haproxy"):
+        r = subprocess.run(["haproxy", "-c", "-f", str(REPO / "deploy/haproxy.cfg")], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_prometheus_scrapes_every_server_metrics_port():
@@ -293,8 +318,8 @@ def test_prometheus_scrapes_every_server_metrics_port():
     assert set(sd["names"]) == set(SERVER_SERVICES)
     for name in SERVER_SERVICES:
         assert str(sd["port"]) == flag(service_cmd(compose(), name), "--metrics-port")
-    envoy_admin = load_yaml("deploy/envoy.yaml")["admin"]["address"]["socket_address"]["port_value"]
-    assert jobs["envoy"]["static_configs"][0]["targets"] == [f"envoy:{envoy_admin}"]
+    [metrics_bind] = [d.split()[1] for d in haproxy_sections()["frontend metrics"] if d.startswith("bind ")]
+    assert jobs["balancer"]["static_configs"][0]["targets"] == [f"balancer{metrics_bind}"]
     svc = compose()["services"]["prometheus"]
     assert mounts(svc)["/etc/prometheus/prometheus.yml"] == ("./deploy/prometheus.yml", "ro")
     if shutil.which("promtool"):

@@ -62,7 +62,8 @@ def served(translator):
 @pytest.fixture(scope="module")
 def slow_batching(translator):
     """A scheduler that lets the queue fill for a second: requests sit queued, deterministically."""
-    batching = BatchingConfig(max_batch_tokens=100_000, max_delay=1.0, max_queue=8, always_wait=True)
+    batching = BatchingConfig(mode="static", max_batch_tokens=100_000, max_delay=1.0, max_queue=8,
+                              always_wait=True)
     with running(translator, batching) as s:
         yield s
 
@@ -271,7 +272,7 @@ def test_cancelled_request_stops_decoding(served, translator):
 
 def test_health_transitions_and_drain(translator):
     metrics = Metrics()
-    batching = BatchingConfig(max_delay=0.5, always_wait=True)
+    batching = BatchingConfig(mode="static", max_delay=0.5, always_wait=True)
     with running(None, batching, metrics) as (server, port, client):
         assert client.health() == "NOT_SERVING"
         assert client.health("nmt.v1.Translator") == "NOT_SERVING"

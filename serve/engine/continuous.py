@@ -1,0 +1,343 @@
+"""Continuous batching: one decoding loop per model; requests join and leave the running batch at every step.
+
+The loop thread owns a running batch (a DecoderCache whose rows may be of different ages). At every
+step boundary it
+  1. drops the rows of requests that were cancelled or passed their deadline,
+  2. admits queued texts, oldest first, while the batch's cache stays within the token budget: their
+     sources are encoded together and joined to the running cache (cross-attention K/V padded to
+     the longer source, an empty self-attention past padded and masked), and
+  3. runs one decoder step for every live row, each at its own position; finished texts leave.
+A text never waits for a running batch to end: it joins at the next step boundary, or, when the
+batch is large (a join copies its cache), within ADMIT_AFTER boundaries together with others.
+
+Greedy and beam texts with any options share a step: the step fetches the largest top-k any row
+needs and each text reads only its own columns, so its tokens are exactly those of a batch of its
+own (serve.engine.search applies the same rules). A beam text's k rows stay together. Texts that
+want alignments run in a second lane (the decoder graph with the cross_attention output), stepped
+in turn with the first: every other text decodes on the plain graph, as it would alone.
+
+The budget counts padded cache tokens of the batch as it would be at its longest: rows x (longest
+source + longest generation budget), the `serve.engine.packing` unit. The queue is bounded in texts
+(QueueFull beyond it), like the static scheduler (serve.engine.scheduler), whose interface it shares.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from nmt.decoding import DecodeOptions, Hypothesis, StopSignal
+from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS
+from serve.engine.runtime import DecoderCache
+from serve.engine.scheduler import BatchMetrics, Job, wait_for_room
+from serve.engine.search import Beam, advance, finish_live, hypothesis
+
+if TYPE_CHECKING:
+    from serve.engine.translator import Translator
+
+log = logging.getLogger("nmt.serve")
+
+ADMIT_AFTER = 4  # step boundaries a fitting text may wait for others to join with it (see _admit)
+
+
+@dataclass(eq=False)
+class Text:
+    """One text of a request in the running batch: its rows in the cache and its search state."""
+
+    job: Job
+    index: int  # which text of the job
+    source: list[int]
+    budget: int
+    enqueued: float
+    beam: Beam | None = None  # beam search state; None for greedy
+    rows: list[int] = field(default_factory=list)  # its rows in the cache, in order
+    tokens: list[int] = field(default_factory=list)  # greedy: generated ids so far (EOS excluded)
+    alignment: list[int] = field(default_factory=list)
+    log_prob: np.float32 = field(default_factory=lambda: np.float32(0))
+    steps: int = 0
+    done: bool = False
+    ended: bool = False  # greedy: stopped on EOS
+
+    @property
+    def options(self) -> DecodeOptions:
+        return self.job.options
+
+    def top_k(self, vocab: int) -> int:
+        """How many of a step's best tokens this text reads (as its own batch would ask for)."""
+        banned = self.steps < self.options.min_length
+        if self.beam is None:
+            return 2 if banned else 1
+        return min(2 * self.options.beam_size + banned, vocab)
+
+    def next_rows(self) -> list[int]:
+        """The cache rows this text continues from at the next step (a beam: its parents)."""
+        if self.beam is None or not self.beam.parents:
+            return self.rows
+        return self.beam.parents
+
+    def feed(self, bos: int) -> list[int]:
+        if self.beam is None:
+            return [self.tokens[-1] if self.tokens else bos]
+        return [t[-1] if t else bos for t in self.beam.live]
+
+    def result(self) -> list[Hypothesis]:
+        if self.beam is None:
+            return [hypothesis(self.tokens, self.log_prob, self.ended, self.options,
+                               self.alignment if self.options.return_alignments else None)]
+        ranked = sorted(self.beam.finished, key=lambda h: -h.score)  # stable, as serve.engine.search
+        return ranked[:self.options.n_best]
+
+
+class Lane:
+    """One running batch: its cache and the texts in it, in cache-row order."""
+
+    def __init__(self, alignments: bool):
+        self.alignments = alignments
+        self.cache: DecoderCache | None = None
+        self.texts: list[Text] = []
+        self.deferred = 0  # step boundaries the queue head waited for a group to gather
+
+    @property
+    def rows(self) -> int:
+        return self.cache.rows if self.cache is not None else 0
+
+
+class ContinuousScheduler:
+    """The decoding loop of one model: submit() queues a request's texts; the loop thread decodes them."""
+
+    def __init__(self, translator: Translator, *, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 max_queue: int = 1024, name: str = "", metrics: BatchMetrics | None = None,
+                 thread: bool = True):
+        if max_batch_tokens <= 0 or max_queue <= 0:
+            raise ValueError("max_batch_tokens and max_queue must be positive")
+        self.translator, self.metrics = translator, metrics
+        self.max_batch_tokens, self.max_queue = max_batch_tokens, max_queue
+        self.name = name or translator.name
+        self._queue: deque[Text] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self.lanes = [Lane(alignments=False), Lane(alignments=True)]
+        # thread=False: no loop thread; the caller runs `step_once` (deterministic interleavings in tests).
+        self._thread = threading.Thread(target=self._run, name=f"decoder-{self.name}", daemon=True)
+        if thread:
+            self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        """Rows in the running batches."""
+        return sum(lane.rows for lane in self.lanes)
+
+    def submit(self, sources: list[list[int]], options: DecodeOptions, stop: StopSignal,
+               block: bool = False) -> Future:
+        """Queue a request's sources; the future resolves to one hypothesis list per source.
+
+        Raises QueueFull when the queue cannot take them, or with block=True waits for room (until
+        `stop` is set: then the returned future fails like a stopped request)."""
+        self.translator.check(sources, options)  # bad input fails here, as the engine would
+        job = Job(sources, options, stop, time.monotonic())
+        with self._cond:
+            if not wait_for_room(self._cond, lambda: len(self._queue), len(sources), self.max_queue,
+                                 self.name, stop, block, lambda: self._closing):
+                job.fail(stop.error(time.monotonic()))
+                return job.future
+            if not sources:
+                job.future.set_result([])
+                return job.future
+            now = job.enqueued = time.monotonic()
+            for i, src in enumerate(sources):
+                budget = self.translator.budget(len(src), options)
+                beam = None if options.beam_size == 1 else Beam(budget=budget)
+                self._queue.append(Text(job, i, src, budget, now, beam))
+            self._cond.notify_all()
+        self._report_queue()
+        return job.future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the queued and running work, then stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self.running:
+                    if self._closing:
+                        return
+                    self._cond.wait()
+            self.step_once()
+
+    def step_once(self) -> None:
+        """One step boundary of every lane: drop stopped rows, admit queued texts, one decoder step."""
+        for lane in self.lanes:
+            try:
+                self._drop_stopped(lane)
+                self._admit(lane)
+                if lane.texts:
+                    self._step(lane)
+            except Exception as exc:  # a broken step fails the texts in it, the loop goes on
+                log.warning("model %s: decoding step failed: %r", self.name, exc,
+                            exc_info=not isinstance(exc, ValueError))
+                for text in lane.texts:
+                    text.job.fail(exc)
+                lane.texts, lane.cache = [], None
+
+    def _drop_stopped(self, lane: Lane) -> None:
+        now = time.monotonic()
+        for text in lane.texts:
+            if not text.done and (text.job.future.done() or text.job.stop.stopped(now)):
+                text.done = True
+                text.job.fail(text.job.stop.error(now))
+
+    def _admit(self, lane: Lane) -> None:
+        """Queued texts of this lane join the running batch, oldest first, within the budget."""
+        now = time.monotonic()
+        taken: list[Text] = []
+        running = [t for t in lane.texts if not t.done]
+        rows = sum(t.options.beam_size for t in running)
+        longest_src = max((len(t.source) for t in running), default=0)
+        longest_budget = max((t.budget for t in running), default=0)
+        with self._cond:
+            kept: deque[Text] = deque()
+            while self._queue:
+                text = self._queue.popleft()
+                if text.job.future.done():  # another text of it failed or was stopped
+                    continue
+                if text.job.stop.stopped(now):
+                    text.job.fail(text.job.stop.error(now))
+                    continue
+                if text.options.return_alignments != lane.alignments:
+                    kept.append(text)
+                    continue
+                n, src, budget = (rows + text.options.beam_size, max(longest_src, len(text.source)),
+                                  max(longest_budget, text.budget))
+                if n * (src + budget) <= self.max_batch_tokens or not (running or taken):
+                    taken.append(text)  # (one text over the budget still runs, alone)
+                    rows, longest_src, longest_budget = n, src, budget
+                else:
+                    kept.append(text)
+                    break  # oldest first: nobody overtakes the text that does not fit yet
+            # A join copies the running cache, so a full batch takes newcomers in groups: at least an
+            # eighth of its rows, or whoever has waited ADMIT_AFTER step boundaries.
+            group = sum(t.options.beam_size for t in taken)
+            if taken and group < len(running) // 8 and lane.deferred < ADMIT_AFTER:
+                lane.deferred += 1
+                kept.extendleft(reversed(taken))
+                taken = []
+            elif taken:
+                lane.deferred = 0
+            kept.extend(self._queue)
+            self._queue = kept
+            self._cond.notify_all()  # room in the queue for blocked submitters
+        if not taken:
+            return
+        self._report_queue()
+        for text in taken:
+            if text.budget <= 0:  # nothing to generate: finished before its first step
+                text.done = True
+                if text.beam is not None:
+                    finish_live(text.beam, text.options)
+                self._finish(text)
+        taken = [t for t in taken if not t.done]
+        if not taken:
+            return
+        new = self.translator.encode([t.source for t in taken])
+        first = lane.rows
+        if lane.cache is None:
+            lane.cache = new
+        else:
+            lane.cache.join(new)
+        if lane.alignments:
+            lane.cache.alignment_layer = self.translator.alignment_layer
+        for r, text in enumerate(taken):
+            text.rows = [first + r]
+            if text.beam is not None:
+                text.beam.parents = []
+        lane.texts += taken
+        if self.metrics is not None:
+            self.metrics.admitted(self.name, texts=len(taken), tokens=sum(len(t.source) for t in taken),
+                                  queue_seconds=[now - t.enqueued for t in taken])
+
+    def _step(self, lane: Lane) -> None:
+        """Lay the live texts' rows out (beams on their parents, finished rows gone), then one step."""
+        cache = lane.cache
+        assert cache is not None
+        live = [t for t in lane.texts if not t.done]
+        index: list[int] = []
+        for text in live:
+            rows = text.next_rows()
+            text.rows = list(range(len(index), len(index) + len(rows)))
+            index += rows
+        if index != list(range(cache.rows)):
+            cache.keep(np.asarray(index, dtype=np.int64))
+        lane.texts = live
+        cache.trim()
+        if not live:
+            return
+        vocab = self.translator.manifest.vocab_size
+        eos, bos = self.translator.manifest.eos_id, self.translator.manifest.bos_id
+        feed = np.asarray([tok for t in live for tok in t.feed(bos)], dtype=np.int64)
+        started = time.monotonic()
+        values, ids = cache.step(feed, max(t.top_k(vocab) for t in live))  # (R, K)
+        now = time.monotonic()
+        generated = 0
+        for text in live:
+            if text.steps == 0 and self.metrics is not None:
+                self.metrics.first_step(self.name, now - text.enqueued)
+            start, count = text.rows[0], len(text.rows)
+            k = text.top_k(vocab)
+            aligns = cache.alignment[start:start + count] if cache.alignment is not None else None
+            if text.beam is None:
+                self._greedy(text, values[start, :k], ids[start, :k], eos,
+                             None if aligns is None else int(aligns[0]))
+            else:
+                advance(text.beam, values[start:start + count, :k], ids[start:start + count, :k], start,
+                        text.steps, text.options, eos, aligns if text.options.return_alignments else None)
+                text.done = text.beam.done
+            text.steps += 1
+            if text.done:
+                generated += self._finish(text)
+        if self.metrics is not None:
+            self.metrics.step_done(self.name, rows=cache.rows, seconds=now - started, generated=generated)
+
+    @staticmethod
+    def _greedy(text: Text, values: np.ndarray, ids: np.ndarray, eos: int, align: int | None) -> None:
+        """One greedy step of one text from its row's top-k (serve.engine.search.greedy_search's rule)."""
+        choice = 1 if ids[0] == eos and text.steps < text.options.min_length else 0
+        token = int(ids[choice])
+        text.log_prob = np.float32(text.log_prob + values[choice])
+        if token == eos:
+            text.done = text.ended = True
+            return
+        text.tokens.append(token)
+        if text.options.return_alignments and align is not None:
+            text.alignment.append(align)
+        text.done = len(text.tokens) >= text.budget
+
+    def _finish(self, text: Text) -> int:
+        """Hand a finished text's hypotheses to its request; returns the best one's length."""
+        hyps = text.result()
+        for h in hyps:
+            h.text = self.translator.tokenizer.decode(h.tokens)
+        if not text.job.future.done():
+            text.job.finish_row(text.index, hyps)
+        return len(hyps[0].tokens) if hyps else 0
+
+    def _report_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_queue_depth(self.name, self.queued)
