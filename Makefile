@@ -31,7 +31,7 @@ help:
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install 'torch==2.13.0'
-	$(BIN)/python -m pip install -e '.[train,dev,bench]'
+	$(BIN)/python -m pip install -e '.[train,dev,bench,marian]'
 	touch $@
 
 venv: $(STAMP)

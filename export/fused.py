@@ -12,8 +12,9 @@ extension recorded in the manifest (`optimizations`): the cross-attention K/V an
 hold one row per *source* while the other inputs hold `rows_per_source` rows each (beam search),
 the queries of a source's beams are then attended together (a reshape, no copy of the K/V).
 The alignment decoder is the same graph with the head-averaged cross-attention probabilities
-recomputed beside MHA (which does not return them). Only pre-norm models are written this way;
-post-norm models keep the traced graphs.
+recomputed beside MHA (which does not return them). Only models of our own shape are written
+this way (`unsupported` lists what is not: post-norm, other activations, ...); the others keep
+the traced graphs.
 """
 
 from __future__ import annotations
@@ -28,10 +29,25 @@ import torch
 from onnx import TensorProto, helper
 
 from nmt import bundle as sb
+from train.config import ModelConfig
 from train.model import Transformer
 
 MS = "com.microsoft"
 FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+
+
+def unsupported(cfg: ModelConfig) -> list[str]:
+    """What these graphs cannot express about a model (empty: it can be written fused)."""
+    reasons = []
+    if not cfg.pre_norm:
+        reasons.append("post-norm layers")
+    if cfg.activation != "relu":
+        reasons.append(f"{cfg.activation} activation")
+    if not cfg.embed_scale:
+        reasons.append("unscaled embeddings")
+    if cfg.output_bias:
+        reasons.append("an output bias")
+    return reasons
 
 
 class Builder:

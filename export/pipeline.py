@@ -23,12 +23,12 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.fused import fused_decoder, fused_encoder
+from export.fused import fused_decoder, fused_encoder, unsupported
 from export.graphs import DecoderGraph, EncoderGraph, ReorderGraph
 from export.validate import validate_graphs
 from nmt import bundle as sb
-from nmt.errors import EXIT_FAILURE, UserError
-from nmt.tokenizer import Tokenizer
+from nmt.errors import EXIT_FAILURE, EXIT_USAGE, UserError
+from nmt.pair_tokenizer import BundleTokenizer, PairTokenizer
 from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from train.model import Transformer
 
@@ -98,13 +98,16 @@ def export_graphs(model: Transformer, out_dir: Path, opset: int, dtype: str) -> 
 def fused_style(style: str, dtype: str, model: Transformer) -> bool:
     """Whether the encoder and decoder are written with fused ops (export/fused.py).
 
-    auto: for pre-norm fp32/int8 models. fp16 stays traced by default: its fused kernels run on
+    auto: for fp32/int8 models the fused writer can express (pre-norm, relu, ...). fp16 stays traced
+    by default: its fused kernels run on
     CUDA only, and this exporter validates fp16 on the CPU provider when no GPU is present."""
     if style == "traced":
         return False
-    if not model.cfg.pre_norm:
+    reasons = unsupported(model.cfg)
+    if reasons:
         if style == "fused":
-            raise ExportError("--graphs fused needs a pre-norm model (post-norm graphs are traced only)")
+            raise ExportError(f"--graphs fused cannot write this model ({', '.join(reasons)}): "
+                              f"use --graphs traced or auto", exit_code=EXIT_USAGE)
         return False
     return style == "fused" or dtype != "fp16"
 
@@ -167,9 +170,10 @@ def graph_io(path: Path) -> dict[str, list[dict[str, Any]]]:
 
 def build_manifest(ckpt: dict[str, Any], model: Transformer, out_dir: Path, *, name: str, dtype: str,
                    opset: int, validation: dict[str, Any], export_seconds: float,
-                   optimizations: list[str]) -> dict[str, Any]:
+                   optimizations: list[str], tokenizer_files: list[str] = [sb.TOKENIZER_FILE],  # noqa: B006
+                   ) -> dict[str, Any]:
     cfg, meta = model.cfg, ckpt.get("meta", {})
-    files = [*GRAPH_FILES, sb.TOKENIZER_FILE]
+    files = [*GRAPH_FILES, *tokenizer_files]
     io = {g: graph_io(out_dir / f) for g, f in zip(GRAPH_KINDS, GRAPH_FILES)}
     cache_dtype = next(i["dtype"] for i in io["decoder"]["inputs"]
                        if i["name"] == sb.past_name(0, "decoder", "key"))
@@ -280,20 +284,35 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, dtype: str =
     Raises ExportError (bad arguments, unwritable target, failed validation: nothing written)
     or train.checkpoint.CheckpointError (missing or unreadable checkpoint).
     """
-    if dtype not in DTYPES:
-        raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if opset not in OPSETS:
-        raise ExportError(f"opset {opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1}")
-    if graphs not in GRAPH_STYLES:
-        raise ExportError(f"unknown graphs style {graphs!r}; choose one of {', '.join(GRAPH_STYLES)}")
     out_dir = Path(out_dir)
-    check_target(out_dir, force)  # before the slow part
+    check_arguments(out_dir, dtype, opset, graphs, force)  # before the slow part
     ckpt = load_checkpoint(checkpoint_path)
     try:
         model, tokenizer = model_from_checkpoint(ckpt)
     except (KeyError, RuntimeError, ValueError) as e:  # config, weights and tokenizer that do not fit
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{checkpoint_path}: cannot rebuild the model ({reason})") from None
+    return write_bundle(ckpt, model, tokenizer, out_dir, dtype, opset=opset,
+                        name=name or default_name(ckpt, out_dir), providers=providers, graphs=graphs)
+
+
+def check_arguments(out_dir: Path, dtype: str, opset: int, graphs: str, force: bool) -> None:
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if opset not in OPSETS:
+        raise ExportError(f"opset {opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1}")
+    if graphs not in GRAPH_STYLES:
+        raise ExportError(f"unknown graphs style {graphs!r}; choose one of {', '.join(GRAPH_STYLES)}")
+    check_target(out_dir, force)
+
+
+def write_bundle(ckpt: dict[str, Any], model: Transformer, tokenizer: BundleTokenizer, out_dir: Path,
+                 dtype: str, *, opset: int, name: str, providers: list[str] | None, graphs: str,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Export, validate and move a loaded model into place as a bundle (arguments already checked).
+
+    `ckpt` supplies the languages and training meta; `extra` adds manifest fields (an import's origin).
+    """
     tmp = make_temp_dir(out_dir)
     try:
         start = time.perf_counter()
@@ -313,10 +332,11 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, dtype: str =
         validation = run_validation(model, tokenizer, tmp, dtype, providers, optimizations)
         if not validation["passed"] and not validation.get("skipped"):
             raise ExportError(f"validation failed ({dtype}): " + "; ".join(validation["failures"]))
-        tokenizer.save(tmp / sb.TOKENIZER_FILE)
-        manifest = build_manifest(ckpt, model, tmp, name=name or default_name(ckpt, out_dir), dtype=dtype,
+        tokenizer_files = save_tokenizer(tokenizer, tmp)
+        manifest = build_manifest(ckpt, model, tmp, name=name, dtype=dtype,
                                   opset=opset, validation=validation, export_seconds=export_seconds,
-                                  optimizations=optimizations)
+                                  optimizations=optimizations, tokenizer_files=tokenizer_files)
+        manifest.update(extra or {})
         write_json(tmp / sb.MANIFEST_FILE, manifest)
         sb.read_manifest(tmp)  # the engine's own reader must accept what we wrote
         move_into_place(tmp, out_dir)
@@ -330,7 +350,15 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, dtype: str =
     return out_dir
 
 
-def run_validation(model: Transformer, tokenizer: Tokenizer, graph_dir: Path, dtype: str,
+def save_tokenizer(tokenizer: BundleTokenizer, out_dir: Path) -> list[str]:
+    """Write the bundle's tokenizer files; returns their names (our one model, or a pair's files)."""
+    if isinstance(tokenizer, PairTokenizer):
+        return tokenizer.save(out_dir)
+    tokenizer.save(out_dir / sb.TOKENIZER_FILE)
+    return [sb.TOKENIZER_FILE]
+
+
+def run_validation(model: Transformer, tokenizer: BundleTokenizer, graph_dir: Path, dtype: str,
                    providers: list[str] | None, optimizations: list[str] = []) -> dict[str, Any]:  # noqa: B006
     """Validate on the given providers; fp16 graphs the CPU provider cannot run are recorded unvalidated."""
     if providers is None and dtype == "fp16":

@@ -24,7 +24,7 @@ import torch
 
 from nmt import bundle as sb
 from nmt.decoding import DecodeOptions
-from nmt.tokenizer import Tokenizer
+from nmt.pair_tokenizer import BundleTokenizer
 from train.decode import greedy_decode, max_new_tokens, source_ids
 from train.model import Transformer
 
@@ -90,7 +90,8 @@ def max_diff(a: np.ndarray, b: torch.Tensor) -> float:
     return float(np.max(np.abs(a.astype(np.float32) - b.float().numpy()))) if a.size else 0.0
 
 
-def validation_sources(model: Transformer, tokenizer: Tokenizer, n_random: int, seed: int) -> list[list[int]]:
+def validation_sources(model: Transformer, tokenizer: BundleTokenizer, n_random: int,
+                       seed: int) -> list[list[int]]:
     """Source ids (EOS included) of the real sentences plus random-id sources of random lengths."""
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
@@ -271,7 +272,7 @@ def ort_greedy(sessions: dict[str, ort.InferenceSession], model: Transformer, sr
     return tokens
 
 
-def validate_graphs(model: Transformer, tokenizer: Tokenizer, graph_dir: Path, dtype: str,
+def validate_graphs(model: Transformer, tokenizer: BundleTokenizer, graph_dir: Path, dtype: str,
                     providers: list[str] | None = None, n_random: int = 2, target_len: int = 12,
                     top_k: int = 4, seed: int = 0, grouped_cross: bool = False) -> dict[str, Any]:
     """Run every check; the returned report has `passed` and, when it failed, `failures`.
@@ -281,7 +282,7 @@ def validate_graphs(model: Transformer, tokenizer: Tokenizer, graph_dir: Path, d
                           grouped_cross)
 
 
-def run_checks(model: Transformer, tokenizer: Tokenizer, graph_dir: Path, dtype: str,
+def run_checks(model: Transformer, tokenizer: BundleTokenizer, graph_dir: Path, dtype: str,
                providers: list[str] | None, n_random: int, target_len: int, top_k: int,
                seed: int, grouped_cross: bool = False) -> dict[str, Any]:
     providers = providers or ["CPUExecutionProvider"]

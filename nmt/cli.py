@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("train.evaluate", "sacreBLEU of a checkpoint's greedy and beam decoding on a test split"),
     "average": ("train.average", "average the last N checkpoints of a run into one"),
     "export": ("export.cli", "export a checkpoint to a validated ONNX bundle"),
+    "import-marian": ("export.marian_cli", "import a Hugging Face Marian (OPUS-MT) model folder as a bundle"),
     "serve": ("serve.server.cli", "run the gRPC translation server on one or more bundles"),
     "translate": ("serve.protocol.client", "translate texts through a running server"),
     "health": ("serve.protocol.health", "check a server's health (exit 0 when SERVING)"),
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
+        if e.name == "transformers":
+            print(f"nmt {name}: needs the 'transformers' package; install the marian extra: "
+                  f"pip install 'nmt-transformer[train,marian]'", file=sys.stderr)
+            return EXIT_USAGE
         if e.name in ("torch", "onnx", "onnxscript", "matplotlib", "ctranslate2"):
             print(f"nmt {name}: needs the '{e.name}' package; install the training extra: "
                   f"pip install 'nmt-transformer[train]'", file=sys.stderr)

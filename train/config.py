@@ -12,6 +12,9 @@ from typing import Any
 
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
+ACTIVATIONS = ("relu", "gelu", "swish")
+POSITION_LAYOUTS = ("interleaved", "halves")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -27,6 +30,11 @@ class ModelConfig:
     pre_norm: bool = True  # pre-norm trains stably without long warmup; post-norm = the original paper
     share_embeddings: bool = True  # source and target embeddings are one matrix (joint vocabulary)
     tie_output: bool = True  # the prediction layer reuses the target embedding matrix
+    # Options of imported architectures (Marian / OPUS-MT); our presets keep the defaults.
+    activation: str = "relu"  # feed-forward non-linearity: relu | gelu | swish
+    embed_scale: bool = True  # token embeddings multiplied by sqrt(d_model) on lookup
+    position_layout: str = "interleaved"  # sinusoids: interleaved sin/cos, or "halves" (sin | cos)
+    output_bias: bool = False  # a bias on the prediction layer (Marian's final_logits_bias)
     pad_id: int = PAD_ID
     unk_id: int = UNK_ID
     bos_id: int = BOS_ID
@@ -50,8 +58,14 @@ class ModelConfig:
             errs.append(f"dropout must be in [0, 1), got {self.dropout}")
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             errs.append("share_embeddings needs src_vocab_size == tgt_vocab_size (a joint vocabulary)")
-        if len({self.pad_id, self.unk_id, self.bos_id, self.eos_id}) != 4:
-            errs.append("pad/unk/bos/eos ids must be distinct")
+        # bos may be the pad id: Marian starts decoding from its pad token.
+        if len({self.pad_id, self.unk_id, self.eos_id}) != 3 or self.bos_id in (self.unk_id, self.eos_id):
+            errs.append("pad/unk/bos/eos ids must be distinct (bos may equal pad)")
+        if self.activation not in ACTIVATIONS:
+            errs.append(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.position_layout not in POSITION_LAYOUTS:
+            errs.append(f"position_layout must be one of {', '.join(POSITION_LAYOUTS)}, "
+                        f"got {self.position_layout!r}")
         return errs
 
     def validate(self) -> ModelConfig:

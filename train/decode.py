@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from nmt.decoding import DecodeOptions, Hypothesis, check_sources, max_new_tokens, normalised_score
-from nmt.tokenizer import Tokenizer
+from nmt.pair_tokenizer import BundleTokenizer
 from train.model import Transformer
 
 
@@ -188,12 +188,12 @@ def greedy_decode_cached(model: Transformer, batch_src: list[list[int]],
     ]
 
 
-def source_ids(tokenizer: Tokenizer, text: str, eos_id: int) -> list[int]:
+def source_ids(tokenizer: BundleTokenizer, text: str, eos_id: int) -> list[int]:
     return tokenizer.encode(text) + [eos_id]
 
 
 @torch.inference_mode()
-def translate(model: Transformer, tokenizer: Tokenizer, texts: list[str], opts: DecodeOptions,
+def translate(model: Transformer, tokenizer: BundleTokenizer, texts: list[str], opts: DecodeOptions,
               batch_size: int = 64) -> list[str]:
     """Best translation of each text: batched cached greedy for beam 1, beam search otherwise."""
     opts.validate()

@@ -38,8 +38,15 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
     return probs @ v  # (B, H, Tq, Dh)
 
 
-def sinusoid_table(n_positions: int, d_model: int) -> Tensor:
-    """PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(pos / 10000^(2i/d))."""
+def sinusoid_table(n_positions: int, d_model: int, layout: str = "interleaved") -> Tensor:
+    """PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(pos / 10000^(2i/d)).
+
+    layout "halves" is Marian's: the same sinusoids, sines in the first half and cosines in the
+    second, computed in float64 as transformers does (so imported models see identical positions)."""
+    if layout == "halves":
+        freq = torch.pow(10000.0, torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (ceil(D/2),)
+        angles = torch.arange(n_positions, dtype=torch.float64)[:, None] / freq  # (N, ceil(D/2))
+        return torch.cat([torch.sin(angles), torch.cos(angles[:, :d_model // 2])], dim=1).float()  # (N, D)
     pos = torch.arange(n_positions, dtype=torch.float32).unsqueeze(1)  # (N, 1)
     div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
     table = torch.zeros(n_positions, d_model)
@@ -56,7 +63,8 @@ class PositionalEncoding(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         # Not persistent: the table is a function of the config, the checkpoint need not carry it.
-        self.register_buffer("table", sinusoid_table(cfg.max_positions, cfg.d_model), persistent=False)
+        self.register_buffer("table", sinusoid_table(cfg.max_positions, cfg.d_model, cfg.position_layout),
+                             persistent=False)
 
     def forward(self, positions: Tensor) -> Tensor:
         return self.table[positions]  # (B, T, D)
@@ -88,11 +96,14 @@ class MultiHeadAttention(nn.Module):
         return self.dropout(self.out_proj(out))
 
 
+ACTIVATION_MODULES: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU}
+
+
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(cfg.d_model, cfg.d_ff), nn.ReLU(), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.d_model, cfg.d_ff), ACTIVATION_MODULES[cfg.activation](), nn.Dropout(cfg.dropout),
             nn.Linear(cfg.d_ff, cfg.d_model), nn.Dropout(cfg.dropout),
         )
 
@@ -166,7 +177,7 @@ class Transformer(nn.Module):
         # Pre-norm stacks end with a LayerNorm (their residual stream is never normalised otherwise).
         self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_norm else nn.Identity()
         self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_norm else nn.Identity()
-        self.generator = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
+        self.generator = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=cfg.output_bias)
         self._init_weights()
         if cfg.tie_output:
             self.generator.weight = self.tgt_embed.weight
@@ -184,7 +195,8 @@ class Transformer(nn.Module):
                 emb.weight[self.cfg.pad_id].zero_()
 
     def embed(self, table: nn.Embedding, ids: Tensor, positions: Tensor) -> Tensor:
-        x = table(ids) * math.sqrt(self.cfg.d_model) + self.pos(positions)  # (B, T, D)
+        scale = math.sqrt(self.cfg.d_model) if self.cfg.embed_scale else 1.0
+        x = table(ids) * scale + self.pos(positions)  # (B, T, D)
         return self.dropout(x)
 
     def encode(self, src_ids: Tensor, src_mask: Tensor, attn_out: list[Tensor] | None = None) -> Tensor:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nmt.bundle import TOKENIZER_FILE, Manifest, read_manifest
+from nmt.bundle import Manifest, read_manifest
 from nmt.decoding import (
     Cancelled,
     DecodeOptions,
@@ -28,7 +28,7 @@ from nmt.decoding import (
     check_sources,
     max_new_tokens,
 )
-from nmt.tokenizer import Tokenizer
+from nmt.pair_tokenizer import BundleTokenizer, load_bundle_tokenizer
 from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS, pack_by_tokens
 from serve.engine.runtime import DecoderCache, Runtime
 from serve.engine.search import beam_search, greedy_search
@@ -64,7 +64,7 @@ class Translator:
     """One loaded bundle. Thread-safe: stop signals may be set from any thread while a worker
     thread runs `translate_ids`; sessions are shared, all decoding state is per call."""
 
-    def __init__(self, runtime: Runtime, manifest: Manifest, tokenizer: Tokenizer,
+    def __init__(self, runtime: Runtime, manifest: Manifest, tokenizer: BundleTokenizer,
                  config: EngineConfig = EngineConfig()):
         errs = config.errors(manifest.n_decoder_layers)
         if errs:
@@ -83,7 +83,8 @@ class Translator:
         c = config
         runtime = Runtime(path, manifest, c.device, c.intra_op_threads, c.inter_op_threads,
                           c.graph_optimization)
-        translator = cls(runtime, manifest, Tokenizer.load(path / TOKENIZER_FILE), config)
+        # Our own tokenizer.model, or the source/target pair the manifest names (imported models).
+        translator = cls(runtime, manifest, load_bundle_tokenizer(path, manifest.raw), config)
         if c.warmup:
             translator.warmup()
         return translator
