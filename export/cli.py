@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import NoReturn
 
-from export.pipeline import DEFAULT_OPSET, DTYPES, ExportError, export_bundle
+from export.pipeline import DEFAULT_OPSET, DTYPES, GRAPH_STYLES, ExportError, export_bundle
 from nmt.bundle import read_manifest
 from nmt.errors import UserError
 
@@ -27,6 +27,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--name", help="model name served under (default: SRC-TGT from the checkpoint)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+    p.add_argument("--graphs", choices=GRAPH_STYLES, default="auto",
+                   help="fused: encoder/decoder written with ONNX Runtime's fused attention ops; traced: "
+                        "the PyTorch trace; auto (default): fused for pre-norm fp32/int8 models")
     return p.parse_args(argv)
 
 
@@ -41,7 +44,7 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     try:
         out = export_bundle(args.checkpoint, args.out, args.dtype, opset=args.opset, name=args.name,
-                            force=args.force)
+                            force=args.force, graphs=args.graphs)
     except UserError:
         raise
     except Exception as e:  # exporter/converter failures: still one line, the bundle was not written
@@ -54,6 +57,7 @@ def main(argv: list[str]) -> int:
     else:
         check = (f"validated: worst {v['worst']['output']} diff {v['worst']['max_abs_diff']:.2g}, "
                  f"greedy {v['greedy']['identical']}/{v['greedy']['sentences']} identical")
-    print(f"{out}: {m.name} {m.dtype} opset {m.opset}, {size / 1e6:.1f} MB in "
+    graphs = "fused" if m.optimizations else "traced"
+    print(f"{out}: {m.name} {m.dtype} {graphs} opset {m.opset}, {size / 1e6:.1f} MB in "
           f"{time.perf_counter() - start:.1f}s; {check}")
     return 0

@@ -23,6 +23,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from export.fused import fused_decoder, fused_encoder
 from export.graphs import DecoderGraph, EncoderGraph, ReorderGraph
 from export.validate import validate_graphs
 from nmt import bundle as sb
@@ -36,6 +37,7 @@ DEFAULT_OPSET = 17  # well covered by ONNX Runtime's CPU and CUDA kernels and by
 OPSETS = range(13, 22)  # the opsets this exporter was checked with
 GRAPH_FILES = (sb.ENCODER_FILE, sb.DECODER_FILE, sb.DECODER_ALIGNMENTS_FILE, sb.REORDER_FILE)
 GRAPH_KINDS = ("encoder", "decoder", "decoder_alignments", "reorder")
+GRAPH_STYLES = ("auto", "fused", "traced")
 
 
 class ExportError(UserError):
@@ -93,6 +95,25 @@ def export_graphs(model: Transformer, out_dir: Path, opset: int, dtype: str) -> 
                               do_constant_folding=fold, dynamo=False)
 
 
+def fused_style(style: str, dtype: str, model: Transformer) -> bool:
+    """Whether the encoder and decoder are written with fused ops (export/fused.py).
+
+    auto: for pre-norm fp32/int8 models. fp16 stays traced by default: its fused kernels run on
+    CUDA only, and this exporter validates fp16 on the CPU provider when no GPU is present."""
+    if style == "traced":
+        return False
+    if not model.cfg.pre_norm:
+        if style == "fused":
+            raise ExportError("--graphs fused needs a pre-norm model (post-norm graphs are traced only)")
+        return False
+    return style == "fused" or dtype != "fp16"
+
+
+def write_fused(model: Transformer, out_dir: Path, opset: int) -> None:
+    fused_encoder(model, out_dir / sb.ENCODER_FILE, opset)
+    fused_decoder(model, out_dir / sb.DECODER_FILE, opset)
+
+
 def quantize_int8(out_dir: Path) -> None:
     """Dynamic int8 quantization of the MatMul/Gemm weights; IO stays float32.
 
@@ -107,7 +128,9 @@ def quantize_int8(out_dir: Path) -> None:
         logging.disable(logging.WARNING)
         try:
             quantize_dynamic(path, tmp, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
-                             per_channel=False)  # per-channel measured no better on our models
+                             per_channel=False,  # per-channel measured no better on our models
+                             # the fused graphs' com.microsoft ops have no ONNX shape inference
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         finally:
             logging.disable(logging.NOTSET)
         os.replace(tmp, path)
@@ -143,7 +166,8 @@ def graph_io(path: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def build_manifest(ckpt: dict[str, Any], model: Transformer, out_dir: Path, *, name: str, dtype: str,
-                   opset: int, validation: dict[str, Any], export_seconds: float) -> dict[str, Any]:
+                   opset: int, validation: dict[str, Any], export_seconds: float,
+                   optimizations: list[str]) -> dict[str, Any]:
     cfg, meta = model.cfg, ckpt.get("meta", {})
     files = [*GRAPH_FILES, sb.TOKENIZER_FILE]
     io = {g: graph_io(out_dir / f) for g, f in zip(GRAPH_KINDS, GRAPH_FILES)}
@@ -156,6 +180,7 @@ def build_manifest(ckpt: dict[str, Any], model: Transformer, out_dir: Path, *, n
         "tgt_lang": meta.get("tgt_lang", ckpt.get("train_config", {}).get("tgt_lang", "")),
         "dtype": dtype,
         "opset": opset,
+        "optimizations": optimizations,
         "model": {
             "n_encoder_layers": cfg.n_encoder_layers, "n_decoder_layers": cfg.n_decoder_layers,
             "d_model": cfg.d_model, "n_heads": cfg.n_heads, "head_dim": cfg.head_dim, "d_ff": cfg.d_ff,
@@ -249,7 +274,7 @@ def move_into_place(tmp: Path, out_dir: Path) -> None:
 
 def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, dtype: str = "fp32", *,
                   opset: int = DEFAULT_OPSET, name: str | None = None, force: bool = False,
-                  providers: list[str] | None = None) -> Path:
+                  providers: list[str] | None = None, graphs: str = "auto") -> Path:
     """Export a checkpoint to a validated bundle directory and return its path.
 
     Raises ExportError (bad arguments, unwritable target, failed validation: nothing written)
@@ -259,6 +284,8 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, dtype: str =
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if opset not in OPSETS:
         raise ExportError(f"opset {opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1}")
+    if graphs not in GRAPH_STYLES:
+        raise ExportError(f"unknown graphs style {graphs!r}; choose one of {', '.join(GRAPH_STYLES)}")
     out_dir = Path(out_dir)
     check_target(out_dir, force)  # before the slow part
     ckpt = load_checkpoint(checkpoint_path)
@@ -271,20 +298,25 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, dtype: str =
     try:
         start = time.perf_counter()
         export_graphs(model, tmp, opset, dtype)
+        fused = fused_style(graphs, dtype, model)
+        if fused:  # the traced encoder and decoder (with its alignment output) are replaced
+            write_fused(model, tmp, opset)
         if dtype == "int8":
             quantize_int8(tmp)
         elif dtype == "fp16":
             convert_fp16(tmp)
-        split_alignment_graph(tmp)
+        split_alignment_graph(tmp)  # decoder.onnx and decoder_alignments.onnx from one graph
+        optimizations = list(sb.FUSED_OPTIMIZATIONS) if fused else []
         for f in GRAPH_FILES:
             onnx.checker.check_model(str(tmp / f))
         export_seconds = time.perf_counter() - start
-        validation = run_validation(model, tokenizer, tmp, dtype, providers)
+        validation = run_validation(model, tokenizer, tmp, dtype, providers, optimizations)
         if not validation["passed"] and not validation.get("skipped"):
             raise ExportError(f"validation failed ({dtype}): " + "; ".join(validation["failures"]))
         tokenizer.save(tmp / sb.TOKENIZER_FILE)
         manifest = build_manifest(ckpt, model, tmp, name=name or default_name(ckpt, out_dir), dtype=dtype,
-                                  opset=opset, validation=validation, export_seconds=export_seconds)
+                                  opset=opset, validation=validation, export_seconds=export_seconds,
+                                  optimizations=optimizations)
         write_json(tmp / sb.MANIFEST_FILE, manifest)
         sb.read_manifest(tmp)  # the engine's own reader must accept what we wrote
         move_into_place(tmp, out_dir)
@@ -299,14 +331,15 @@ def export_bundle(checkpoint_path: str | Path, out_dir: str | Path, dtype: str =
 
 
 def run_validation(model: Transformer, tokenizer: Tokenizer, graph_dir: Path, dtype: str,
-                   providers: list[str] | None) -> dict[str, Any]:
+                   providers: list[str] | None, optimizations: list[str] = []) -> dict[str, Any]:  # noqa: B006
     """Validate on the given providers; fp16 graphs the CPU provider cannot run are recorded unvalidated."""
     if providers is None and dtype == "fp16":
         cuda = "CUDAExecutionProvider" in usable_providers()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None
     start = time.perf_counter()
     try:
-        report = validate_graphs(model, tokenizer, graph_dir, dtype, providers)
+        report = validate_graphs(model, tokenizer, graph_dir, dtype, providers,
+                                 grouped_cross=sb.GROUPED_CROSS_KV in optimizations)
         report["seconds"] = round(time.perf_counter() - start, 2)
         if dtype == "fp16" and "CUDAExecutionProvider" not in report["providers"]:
             report["note"] = "validated on the CPU provider only; CUDA kernels were not exercised"

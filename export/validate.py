@@ -74,9 +74,10 @@ def load_sessions(graph_dir: Path, providers: list[str]) -> dict[str, ort.Infere
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # keep ORT's per-node warnings out of the export log
     opts.intra_op_num_threads = 1  # validation graphs are small; spinning worker threads only cost CPU
-    return {g: ort.InferenceSession(str(graph_dir / f), opts, providers=providers)
-            for g, f in (("encoder", sb.ENCODER_FILE), ("decoder", sb.DECODER_FILE),
-                         ("reorder", sb.REORDER_FILE))}
+    graphs = [("encoder", sb.ENCODER_FILE), ("decoder", sb.DECODER_FILE), ("reorder", sb.REORDER_FILE)]
+    if (graph_dir / sb.DECODER_ALIGNMENTS_FILE).exists():  # optional in a bundle
+        graphs.append(("decoder_alignments", sb.DECODER_ALIGNMENTS_FILE))
+    return {g: ort.InferenceSession(str(graph_dir / f), opts, providers=providers) for g, f in graphs}
 
 
 def np_dtype(session: ort.InferenceSession, name: str) -> type:
@@ -164,14 +165,18 @@ def check_decoder(model: Transformer, sess: ort.InferenceSession, src_mask: torc
     with torch.inference_mode():
         positions = torch.arange(T).unsqueeze(0).expand(B, T)  # (B, T)
         causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, T, T)  # (B, T, T)
-        logits, present = model.decode(targets, positions, causal, src_mask, cross, model.empty_past(B))
+        probs: list[torch.Tensor] = []  # per layer (B, H, T, S)
+        logits, present = model.decode(targets, positions, causal, src_mask, cross, model.empty_past(B),
+                                       probs)
         ref_lp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+        ref_align = torch.stack([p.mean(dim=1) for p in probs], dim=1)  # (B, L, T, S)
+    aligns = sb.CROSS_ATTENTION in {o.name for o in sess.get_outputs()}
     cache = empty_past(sess, model, B)
     for i, kv in enumerate(cross):
         for w, t in zip(("key", "value"), kv):
             name = sb.past_name(i, "encoder", w)
             cache[name] = t.numpy().astype(np_dtype(sess, name))
-    lp_diff = val_diff = 0.0
+    lp_diff = val_diff = align_diff = 0.0
     agree = topk_agree = 0
     for t in range(T):
         out = decoder_step(sess, targets[:, t:t + 1].numpy(), t, src_mask.numpy(), cache, top_k)
@@ -180,14 +185,46 @@ def check_decoder(model: Transformer, sess: ort.InferenceSession, src_mask: torc
         val_diff = max(val_diff, max_diff(out[sb.TOPK_VALUES], ref_vals))
         agree += int((out[sb.LOG_PROBS][:, -1].argmax(-1) == ref_lp[:, t].argmax(-1).numpy()).sum())
         topk_agree += int((out[sb.TOPK_INDICES] == ref_idx.numpy()).all(-1).sum())
+        if aligns:
+            align_diff = max(align_diff, max_diff(out[sb.CROSS_ATTENTION][:, :, -1], ref_align[:, :, t]))
         cache.update(next_past(out, cfg.n_decoder_layers))
     diffs = {f"decoder.{sb.LOG_PROBS}": lp_diff, f"decoder.{sb.TOPK_VALUES}": val_diff}
+    if aligns:
+        diffs[f"decoder.{sb.CROSS_ATTENTION}"] = align_diff
     for i, kv in enumerate(present):
         for w, ref in zip(("key", "value"), kv):
             name = sb.present_name(i, "decoder", w)
             diffs[f"decoder.{name}"] = max_diff(out[name], ref)
     return {"max_abs_diff": diffs, "argmax_agreement": agree / (B * T),
             "topk_index_agreement": topk_agree / (B * T)}
+
+
+def check_grouped_cross(model: Transformer, sess: ort.InferenceSession, src_mask: torch.Tensor, cross: list,
+                        targets: torch.Tensor, top_k: int, group: int = 3) -> float:
+    """A decoder that takes cross K/V once per source (nmt.bundle.GROUPED_CROSS_KV): `group` rows per
+    source fed with one cross row each must give what the same rows give with the K/V repeated."""
+    B, T = targets.shape
+    rows = torch.arange(B).repeat_interleave(group)  # (B*g,) the source of every row
+    tokens = targets[rows].numpy().copy()  # (B*g, T)
+    tokens[1::group] = np.roll(tokens[1::group], 1, axis=1)  # the beams of a source differ
+    grouped, expanded = {}, {}
+    for i, kv in enumerate(cross):
+        for w, t in zip(("key", "value"), kv):
+            name = sb.past_name(i, "encoder", w)
+            grouped[name] = t.numpy().astype(np_dtype(sess, name))
+            expanded[name] = grouped[name][rows.numpy()]
+    caches = [{**empty_past(sess, model, B * group), **c} for c in (grouped, expanded)]
+    masks = [src_mask.numpy(), src_mask.numpy()[rows.numpy()]]
+    diff = 0.0
+    for t in range(T):
+        outs = [decoder_step(sess, tokens[:, t:t + 1], t, m, c, top_k) for m, c in zip(masks, caches)]
+        diff = max(diff, float(np.max(np.abs(outs[0][sb.LOG_PROBS] - outs[1][sb.LOG_PROBS]))))
+        if not np.array_equal(outs[0][sb.TOPK_INDICES], outs[1][sb.TOPK_INDICES]):
+            diff = max(diff, float("inf"))
+        n_layers = len(cross)
+        for c, o in zip(caches, outs):
+            c.update(next_past(o, n_layers))
+    return diff
 
 
 def check_reorder(sess: ort.InferenceSession, rng: np.random.Generator, batch: int) -> bool:
@@ -236,15 +273,17 @@ def ort_greedy(sessions: dict[str, ort.InferenceSession], model: Transformer, sr
 
 def validate_graphs(model: Transformer, tokenizer: Tokenizer, graph_dir: Path, dtype: str,
                     providers: list[str] | None = None, n_random: int = 2, target_len: int = 12,
-                    top_k: int = 4, seed: int = 0) -> dict[str, Any]:
-    """Run every check; the returned report has `passed` and, when it failed, `failures`."""
+                    top_k: int = 4, seed: int = 0, grouped_cross: bool = False) -> dict[str, Any]:
+    """Run every check; the returned report has `passed` and, when it failed, `failures`.
+    grouped_cross: the decoder claims GROUPED_CROSS_KV, which is checked too."""
     with torch_threads(1):
-        return run_checks(model, tokenizer, graph_dir, dtype, providers, n_random, target_len, top_k, seed)
+        return run_checks(model, tokenizer, graph_dir, dtype, providers, n_random, target_len, top_k, seed,
+                          grouped_cross)
 
 
 def run_checks(model: Transformer, tokenizer: Tokenizer, graph_dir: Path, dtype: str,
                providers: list[str] | None, n_random: int, target_len: int, top_k: int,
-               seed: int) -> dict[str, Any]:
+               seed: int, grouped_cross: bool = False) -> dict[str, Any]:
     providers = providers or ["CPUExecutionProvider"]
     tol = TOLERANCES[dtype]
     sessions = load_sessions(graph_dir, providers)
@@ -259,6 +298,13 @@ def run_checks(model: Transformer, tokenizer: Tokenizer, graph_dir: Path, dtype:
     dec = check_decoder(model, sessions["decoder"], mask, cross, targets, top_k)
     reorder_ok = check_reorder(sessions["reorder"], np.random.default_rng(seed), len(srcs))
     diffs = {**enc_diffs, **dec["max_abs_diff"]}
+    if "decoder_alignments" in sessions:  # its own pass: the graph is a separate file
+        aligned = check_decoder(model, sessions["decoder_alignments"], mask, cross, targets, top_k)
+        for key, value in aligned["max_abs_diff"].items():
+            diffs[f"decoder_alignments.{key.split('.', 1)[1]}"] = value
+    if grouped_cross:  # against the same graph with repeated K/V: any difference is the grouping's
+        diffs["decoder.grouped_cross_kv.log_probs"] = check_grouped_cross(
+            model, sessions["decoder"], mask, cross, targets[:, :4], top_k)
     failures = []
     if not all(np.isfinite(v) for v in diffs.values()):
         failures.append("non-finite outputs (NaN/inf in the weights or an overflow)")

@@ -26,6 +26,7 @@ Reorder graph (`reorder.onnx`): a gather on the batch axis, so beams and finishe
   out: "reordered." + each of those names
 Manifest (`manifest.json`, written by export.pipeline)
   format_version, name, src_lang, tgt_lang, dtype (fp32|fp16|int8), opset,
+  optimizations [fused_attention, grouped_cross_kv] (optional; see FUSED_OPTIMIZATIONS below),
   model {n_encoder_layers, n_decoder_layers, d_model, n_heads, head_dim, vocab_size, max_positions, ...},
   special_ids {pad, unk, bos, eos}, files {file: {sha256, bytes}},
   io {graph: {inputs, outputs: [{name, dtype, shape}]}}, io_dtypes {cache, log_probs, ...}
@@ -46,6 +47,15 @@ from nmt.errors import UserError
 from nmt.files import sha256_file
 
 FORMAT_VERSION = 1
+
+# Optimizations a bundle may carry, listed in the manifest's `optimizations` (absent = none: bundles
+# written before the field existed). Neither changes the graph contract for an engine that ignores it.
+FUSED_ATTENTION = "fused_attention"  # encoder/decoder written with com.microsoft MultiHeadAttention +
+# SkipLayerNormalization, the attention scale folded into the query projection (export/fused.py)
+GROUPED_CROSS_KV = "grouped_cross_kv"  # the decoder also accepts cross K/V and encoder mask with one row
+# per source while the other inputs hold rows_per_source rows each (consecutive rows = one source's beams)
+FUSED_OPTIMIZATIONS = (FUSED_ATTENTION, GROUPED_CROSS_KV)
+KNOWN_OPTIMIZATIONS = frozenset(FUSED_OPTIMIZATIONS)
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
@@ -166,6 +176,7 @@ class Manifest:
     eos_id: int
     files: dict[str, dict[str, Any]]
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    optimizations: frozenset[str] = frozenset()
 
     @property
     def checksum(self) -> str:
@@ -208,6 +219,12 @@ def read_manifest(bundle_dir: str | Path, verify_checksums: bool = True) -> Mani
     if problems:
         raise BundleError(f"{d}: " + "; ".join(problems))
     m, s = raw["model"], raw["special_ids"]
+    optimizations = raw.get("optimizations", [])
+    if not isinstance(optimizations, list) or not set(optimizations) <= KNOWN_OPTIMIZATIONS:
+        unknown = (sorted(set(optimizations) - KNOWN_OPTIMIZATIONS) if isinstance(optimizations, list)
+                   else optimizations)
+        raise BundleError(f"{path}: format_version {raw['format_version']} bundle lists optimizations "
+                          f"{unknown} this server does not know")
     try:
         return Manifest(
             format_version=raw["format_version"], name=raw["name"], src_lang=raw["src_lang"],
@@ -215,7 +232,7 @@ def read_manifest(bundle_dir: str | Path, verify_checksums: bool = True) -> Mani
             n_encoder_layers=m["n_encoder_layers"], n_decoder_layers=m["n_decoder_layers"],
             d_model=m["d_model"], n_heads=m["n_heads"], head_dim=m["head_dim"], vocab_size=m["vocab_size"],
             max_positions=m["max_positions"], pad_id=s["pad"], unk_id=s["unk"], bos_id=s["bos"],
-            eos_id=s["eos"], files=raw["files"], raw=raw,
+            eos_id=s["eos"], files=raw["files"], raw=raw, optimizations=frozenset(optimizations),
         )
     except KeyError as e:
         raise BundleError(f"{path}: missing key {e}") from None

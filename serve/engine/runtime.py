@@ -78,7 +78,7 @@ def requested_device(device: str) -> Device | None:
 
 
 def session_options(intra_op_threads: int | None, inter_op_threads: int | None,
-                    graph_optimization: str) -> ort.SessionOptions:
+                    graph_optimization: str, allow_spinning: bool | None = False) -> ort.SessionOptions:
     if graph_optimization not in GRAPH_OPTIMIZATION:
         raise ValueError(f"graph_optimization must be one of {', '.join(GRAPH_OPTIMIZATION)}, "
                          f"got {graph_optimization!r}")
@@ -89,6 +89,12 @@ def session_options(intra_op_threads: int | None, inter_op_threads: int | None,
     if inter_op_threads is not None:
         so.inter_op_num_threads = inter_op_threads
     so.log_severity_level = 3  # warnings about unused initializers etc. are noise for a server
+    if allow_spinning is not None:
+        # Off by default: a bundle is three sessions with a thread pool each, plus the Python loop
+        # between runs; pools spinning while idle steal the cores the running one needs
+        # (bench/levers.py, 2 threads: 2.0-2.8x). None keeps ORT's default (spin).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "1" if allow_spinning else "0")
     return so
 
 
@@ -144,8 +150,8 @@ class Runtime:
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, device: str = "auto",
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                 graph_optimization: str = "all"):
-        options = session_options(intra_op_threads, inter_op_threads, graph_optimization)
+                 graph_optimization: str = "all", allow_spinning: bool | None = False):
+        options = session_options(intra_op_threads, inter_op_threads, graph_optimization, allow_spinning)
         wanted = requested_device(device)
         self.device = wanted or (Device("cuda") if cuda_driver_present() else Device("cpu"))
         n = self.n_layers = manifest.n_decoder_layers

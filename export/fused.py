@@ -1,0 +1,254 @@
+"""Decoder and encoder graphs written directly with ONNX Runtime's fused `com.microsoft` ops.
+
+The traced graphs leave ~150 kernels per decoder step: ORT's optimizer cannot find attention or
+SkipLayerNorm in them (pre-norm residuals have two consumers, the Where mask and Concat-past do
+not match its patterns). These graphs are built from the same weights with
+  * MultiHeadAttention: self-attention over past/present (the Q/K/V biases packed into its bias
+    input), cross-attention over the encoder's cached K/V with the source padding mask;
+  * SkipLayerNormalization: residual add + output-projection bias + the next LayerNorm in one op;
+  * the 1/sqrt(head_dim) scale folded into the query projection, sqrt(d_model) into the embedding.
+Both ops have CPU and CUDA kernels. The IO contract is nmt.bundle's, unchanged, with one
+extension recorded in the manifest (`optimizations`): the cross-attention K/V and encoder mask may
+hold one row per *source* while the other inputs hold `rows_per_source` rows each (beam search),
+the queries of a source's beams are then attended together (a reshape, no copy of the K/V).
+The alignment decoder is the same graph with the head-averaged cross-attention probabilities
+recomputed beside MHA (which does not return them). Only pre-norm models are written this way;
+post-norm models keep the traced graphs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from nmt import bundle as sb
+from train.model import Transformer
+
+MS = "com.microsoft"
+FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+
+
+class Builder:
+    """Accumulates nodes and initializers; names are made unique by a counter."""
+
+    def __init__(self, skip_layernorm: bool = True) -> None:
+        self.skip_layernorm = skip_layernorm
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.n = 0
+
+    def weight(self, name: str, value: np.ndarray | torch.Tensor) -> str:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float().numpy()
+        value = np.require(value, requirements="C")  # (ascontiguousarray would turn a scalar into (1,))
+        self.inits.append(onnx.numpy_helper.from_array(value, name))
+        return name
+
+    def const(self, value: list[int]) -> str:
+        self.n += 1
+        return self.weight(f"const_{self.n}", np.asarray(value, dtype=np.int64))
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, outputs: list[str] | None = None,
+           domain: str = "", **attrs: Any) -> list[str]:
+        self.n += 1
+        outs = outputs or [f"{op_type.lower()}_{self.n}_{j}" for j in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{op_type}_{self.n}",
+                                           domain=domain, **attrs))
+        return outs
+
+    def one(self, op_type: str, inputs: list[str], domain: str = "", **attrs: Any) -> str:
+        return self.op(op_type, inputs, domain=domain, **attrs)[0]
+
+    def skip_norm(self, x: str, skip: str, norm: Any, bias: str | None, prefix: str
+                  ) -> tuple[str, str]:
+        """LN(x + skip + bias) and the sum itself (the residual stream)."""
+        g = self.weight(f"{prefix}.gamma", norm.weight)
+        b = self.weight(f"{prefix}.beta", norm.bias)
+        if not self.skip_layernorm:
+            total = self.one("Add", [self.one("Add", [x, bias]), skip] if bias else [x, skip])
+            return self.one("LayerNormalization", [total, g, b], axis=-1, epsilon=norm.eps), total
+        inputs = [x, skip, g, b] + ([bias] if bias else [])
+        out = self.op("SkipLayerNormalization", inputs, n_out=4, domain=MS, epsilon=norm.eps)
+        return out[0], out[3]
+
+    def linear(self, x: str, w: torch.Tensor, b: torch.Tensor | None, prefix: str, scale: float = 1.0) -> str:
+        """x @ w.T (+ b); the bias add is a separate Add ORT fuses into the MatMul's epilogue."""
+        y = self.one("MatMul", [x, self.weight(f"{prefix}.weight", w.detach().float().T * scale)])
+        if b is None:
+            return y
+        return self.one("Add", [y, self.weight(f"{prefix}.bias", b.detach().float() * scale)])
+
+    def ffn(self, h: str, ff: Any, prefix: str) -> tuple[str, str]:
+        """relu(h W1 + b1) W2; returns (pre-bias output, its bias name) for the next SkipLayerNorm."""
+        up, down = ff.net[0], ff.net[3]
+        a = self.one("Relu", [self.linear(h, up.weight, up.bias, f"{prefix}.ff1")])
+        y = self.one("MatMul", [a, self.weight(f"{prefix}.ff2.weight", down.weight.detach().float().T)])
+        return y, self.weight(f"{prefix}.ff2.bias", down.bias)
+
+    def self_attention(self, h: str, attn: Any, prefix: str, heads: int, head_dim: int,
+                       extra: list[str], outputs: list[str] | None = None) -> tuple[str, list[str]]:
+        """MHA over packed Q/K/V (one MatMul, biases inside MHA); `extra` = the optional MHA inputs
+        after the bias (key_padding_mask, attention_bias, past_key, past_value)."""
+        s = 1.0 / math.sqrt(head_dim)
+        w = torch.cat([attn.q_proj.weight * s, attn.k_proj.weight, attn.v_proj.weight], 0)  # (3D, D)
+        bias = torch.cat([attn.q_proj.bias * s, attn.k_proj.bias, attn.v_proj.bias])  # (3D,)
+        qkv = self.one("MatMul", [h, self.weight(f"{prefix}.qkv.weight", w.detach().float().T)])
+        q, k, v = self.op("Split", [qkv, self.const([attn.q_proj.out_features] * 3)], n_out=3, axis=-1)
+        ins = [q, k, v, self.weight(f"{prefix}.qkv.bias", bias)] + extra
+        n_out = 3 if outputs else 1
+        out = self.op("MultiHeadAttention", ins, n_out=n_out, outputs=outputs, domain=MS,
+                      num_heads=heads, scale=1.0)
+        w_out = self.weight(f"{prefix}.out.weight", attn.out_proj.weight.detach().float().T)
+        y = self.one("MatMul", [out[0], w_out])
+        return y, out
+
+
+def cross_probs(b: Builder, qg: str, key: str, src_bias: str, q: str, heads: int, head_dim: int,
+                opset: int) -> str:
+    """Head-averaged softmax(q k^T + mask) of one cross-attention layer, as (R, 1, T, S).
+
+    MultiHeadAttention does not return its probabilities, so the alignment graph recomputes them
+    beside it from the same scaled queries and K/V; the MHA path that makes the log-probs is
+    untouched (the alignment graph's tokens and scores are the plain decoder's, bit for bit)."""
+    q4 = b.one("Reshape", [qg, b.const([0, 0, heads, head_dim])])  # (Bc, g*T, H, Dh)
+    q4 = b.one("Transpose", [q4], perm=[0, 2, 1, 3])  # (Bc, H, g*T, Dh)
+    k_t = b.one("Transpose", [key], perm=[0, 1, 3, 2])  # (Bc, H, Dh, S)
+    scores = b.one("Add", [b.one("MatMul", [q4, k_t]), src_bias])  # (Bc, H, g*T, S)
+    probs = b.one("Softmax", [scores], axis=-1)
+    if opset >= 18:  # ReduceMean takes its axes as an input from opset 18 on
+        mean = b.one("ReduceMean", [probs, b.const([1])], keepdims=0)
+    else:
+        mean = b.one("ReduceMean", [probs], axes=[1], keepdims=0)  # (Bc, g*T, S)
+    rows_t = b.one("Slice", [b.one("Shape", [q]), b.const([0]), b.const([2])])  # [R, T]
+    src_len = b.one("Slice", [b.one("Shape", [key]), b.const([2]), b.const([3])])  # [S]
+    mean = b.one("Reshape", [mean, b.one("Concat", [rows_t, src_len], axis=0)])  # (R, T, S)
+    return b.one("Unsqueeze", [mean, b.const([1])])  # (R, 1, T, S)
+
+
+def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bool = True) -> None:
+    """The decoder with nmt.bundle's decoder IO and the alignment output (cross_attention, stripped
+    from decoder.onnx by the exporter as for traced graphs), written with fused ops (pre-norm only)."""
+    cfg = model.cfg
+    L, H, Dh, D = cfg.n_decoder_layers, cfg.n_heads, cfg.head_dim, cfg.d_model
+    b = Builder(skip_layernorm)
+    emb = b.weight("tgt_embed.scaled", model.tgt_embed.weight.detach().float() * math.sqrt(D))
+    pos = b.weight("positions", model.pos.table)
+    tok = b.one("Gather", [emb, sb.INPUT_IDS])  # (R, T, D)
+    pe = b.one("Gather", [pos, sb.POSITION_IDS])  # (R, T, D)
+    # The self-attention mask becomes MHA's additive bias (R, 1, T, P+T), shared by every layer.
+    neg = b.weight("mask_fill", np.array(-1e30, np.float32))
+    zero = b.weight("zero", np.array(0.0, np.float32))
+    self_bias = b.one("Unsqueeze", [b.one("Where", [sb.SELF_ATTENTION_MASK, zero, neg]), b.const([1])])
+    src_mask = b.one("Cast", [sb.ENCODER_ATTENTION_MASK], to=TensorProto.INT32)  # (Bc, S)
+    # Cross-attention query layout: (Bc, -1, D) where Bc = the cross K/V's rows (see the module doc).
+    q_shape = b.one("Concat", [b.one("Slice", [b.one("Shape", [sb.past_name(0, "encoder", "key")]),
+                                               b.const([0]), b.const([1])]), b.const([-1, D])], axis=0)
+    src_bias = b.one("Unsqueeze", [b.one("Where", [sb.ENCODER_ATTENTION_MASK, zero, neg]),
+                                   b.const([1, 2])])  # (Bc, 1, 1, S), for the alignment probabilities
+    layers: list[Any] = list(model.decoder_layers)
+    align: list[str] = []  # per layer (R, 1, T, S)
+    h, x = b.skip_norm(tok, pe, layers[0].res_self.norm, None, "dec.0.ln_self")
+    for i, layer in enumerate(layers):
+        p = f"dec.{i}"
+        presents = [sb.present_name(i, "decoder", w) for w in ("key", "value")]
+        extra = ["", self_bias, sb.past_name(i, "decoder", "key"), sb.past_name(i, "decoder", "value")]
+        y, _ = b.self_attention(h, layer.self_attn, f"{p}.self", H, Dh, extra, [f"{p}.self.out", *presents])
+        out_bias = b.weight(f"{p}.self.out.bias", layer.self_attn.out_proj.bias)
+        h, x = b.skip_norm(y, x, layer.res_cross.norm, out_bias, f"{p}.ln_cross")
+        ca = layer.cross_attn
+        q = b.linear(h, ca.q_proj.weight, ca.q_proj.bias, f"{p}.cross.q", 1.0 / math.sqrt(Dh))  # (R, T, D)
+        qg = b.one("Reshape", [q, q_shape])  # (Bc, rows_per_source * T, D)
+        cross_kv = [sb.past_name(i, "encoder", "key"), sb.past_name(i, "encoder", "value")]
+        att = b.one("MultiHeadAttention", [qg, *cross_kv, "", src_mask], domain=MS, num_heads=H, scale=1.0)
+        align.append(cross_probs(b, qg, cross_kv[0], src_bias, q, H, Dh, opset))
+        att = b.one("Reshape", [att, b.one("Shape", [q])])  # (R, T, D)
+        y = b.one("MatMul", [att, b.weight(f"{p}.cross.out.weight", ca.out_proj.weight.detach().float().T)])
+        nxt = layers[i + 1].res_self.norm if i + 1 < L else model.decoder_norm
+        out_bias = b.weight(f"{p}.cross.out.bias", ca.out_proj.bias)
+        h, x = b.skip_norm(y, x, layer.res_ff.norm, out_bias, f"{p}.ln_ff")
+        y, bias = b.ffn(h, layer.ff, p)
+        h, x = b.skip_norm(y, x, nxt, bias, f"{p}.ln_next")
+    gen = b.weight("generator.weight", model.generator.weight.detach().float().T)  # (D, V)
+    b.op("LogSoftmax", [b.one("MatMul", [h, gen])], outputs=[sb.LOG_PROBS], axis=-1)
+    last = b.one("Gather", [sb.LOG_PROBS, b.weight("last", np.array(-1, np.int64))], axis=1)  # (R, V)
+    b.op("TopK", [last, sb.TOP_K], outputs=[sb.TOPK_VALUES, sb.TOPK_INDICES], axis=-1)
+    b.op("Concat", align, outputs=[sb.CROSS_ATTENTION], axis=1)  # (R, L, T, S)
+    kv: list[str | int] = ["batch", H, "past_len", Dh]
+    cross: list[str | int] = ["src_batch", H, "src_len", Dh]
+    inputs = [helper.make_tensor_value_info(sb.INPUT_IDS, INT64, ["batch", "new_len"]),
+              helper.make_tensor_value_info(sb.POSITION_IDS, INT64, ["batch", "new_len"]),
+              helper.make_tensor_value_info(sb.SELF_ATTENTION_MASK, BOOL, ["batch", "new_len", "total_len"]),
+              helper.make_tensor_value_info(sb.ENCODER_ATTENTION_MASK, BOOL, ["src_batch", "src_len"])]
+    for i in range(L):
+        for kind, shape in (("decoder", kv), ("encoder", cross)):
+            for w in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(sb.past_name(i, kind, w), FLOAT, shape))
+    inputs.append(helper.make_tensor_value_info(sb.TOP_K, INT64, [1]))
+    outputs = [helper.make_tensor_value_info(sb.LOG_PROBS, FLOAT, ["batch", "new_len", cfg.tgt_vocab_size]),
+               helper.make_tensor_value_info(sb.TOPK_VALUES, FLOAT, ["batch", "k"]),
+               helper.make_tensor_value_info(sb.TOPK_INDICES, INT64, ["batch", "k"])]
+    present: list[str | int] = ["batch", H, "total_len", Dh]
+    outputs += [helper.make_tensor_value_info(sb.present_name(i, "decoder", w), FLOAT, present)
+                for i in range(L) for w in ("key", "value")]
+    align_shape: list[str | int] = ["batch", L, "new_len", "src_len"]
+    outputs.append(helper.make_tensor_value_info(sb.CROSS_ATTENTION, FLOAT, align_shape))
+    save(b, inputs, outputs, path, opset, "nmt fused decoder")
+
+
+def fused_encoder(model: Transformer, path: Path, opset: int, skip_layernorm: bool = True) -> None:
+    """encoder.onnx with nmt.bundle's encoder IO, written with fused ops (pre-norm models only)."""
+    cfg = model.cfg
+    L, H, Dh, D = cfg.n_decoder_layers, cfg.n_heads, cfg.head_dim, cfg.d_model
+    b = Builder(skip_layernorm)
+    emb = b.weight("src_embed.scaled", model.src_embed.weight.detach().float() * math.sqrt(D))
+    pos = b.weight("positions", model.pos.table)
+    tok = b.one("Gather", [emb, sb.INPUT_IDS])  # (B, S, D)
+    # Positions 0..S-1: a slice of the table, broadcast over the batch by SkipLayerNorm's add.
+    S = b.one("Slice", [b.one("Shape", [sb.INPUT_IDS]), b.const([1]), b.const([2])])
+    pe = b.one("Unsqueeze", [b.one("Slice", [pos, b.const([0]), S]), b.const([0])])  # (1, S, D)
+    pe = b.one("Expand", [pe, b.one("Shape", [tok])])  # (B, S, D): SkipLayerNorm wants equal shapes
+    mask = b.one("Cast", [sb.ATTENTION_MASK], to=TensorProto.INT32)  # (B, S)
+    layers: list[Any] = list(model.encoder_layers)
+    h, x = b.skip_norm(tok, pe, layers[0].res_attn.norm, None, "enc.0.ln_attn")
+    for i, layer in enumerate(layers):
+        p = f"enc.{i}"
+        y, _ = b.self_attention(h, layer.self_attn, f"{p}.self", H, Dh, [mask])
+        out_bias = b.weight(f"{p}.self.out.bias", layer.self_attn.out_proj.bias)
+        h, x = b.skip_norm(y, x, layer.res_ff.norm, out_bias, f"{p}.ln_ff")
+        y, bias = b.ffn(h, layer.ff, p)
+        nxt = layers[i + 1].res_attn.norm if i + 1 < len(layers) else model.encoder_norm
+        h, x = b.skip_norm(y, x, nxt, bias, f"{p}.ln_next")
+    b.op("Identity", [h], outputs=[sb.LAST_HIDDEN_STATE])
+    # Every decoder layer's cross K/V from one MatMul: (B, S, 2*L*D) -> (B, S, 2L, H, Dh) -> per tensor BNSH.
+    ws, bs = [], []
+    decoder_layers: list[Any] = list(model.decoder_layers)
+    for layer in decoder_layers:
+        for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj):
+            ws.append(proj.weight.detach().float())
+            bs.append(proj.bias.detach().float())
+    kv = b.linear(h, torch.cat(ws, 0), torch.cat(bs), "cross_kv")
+    kv = b.one("Reshape", [kv, b.const([0, 0, 2 * L, H, Dh])])
+    kv = b.one("Transpose", [kv], perm=[2, 0, 3, 1, 4])  # (2L, B, H, S, Dh)
+    parts = b.op("Split", [kv, b.const([1] * (2 * L))], n_out=2 * L, axis=0)
+    names = sb.encoder_output_names(L)[1:]
+    for part, name in zip(parts, names):
+        b.op("Squeeze", [part, b.const([0])], outputs=[name])
+    inputs = [helper.make_tensor_value_info(sb.INPUT_IDS, INT64, ["batch", "src_len"]),
+              helper.make_tensor_value_info(sb.ATTENTION_MASK, BOOL, ["batch", "src_len"])]
+    outputs = [helper.make_tensor_value_info(sb.LAST_HIDDEN_STATE, FLOAT, ["batch", "src_len", D])]
+    outputs += [helper.make_tensor_value_info(n, FLOAT, ["batch", H, "src_len", Dh]) for n in names]
+    save(b, inputs, outputs, path, opset, "nmt fused encoder")
+
+
+def save(b: Builder, inputs: list, outputs: list, path: Path, opset: int, name: str) -> None:
+    graph = helper.make_graph(b.nodes, name, inputs, outputs, initializer=b.inits)
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)]
+    # IR version 8 (not onnx's newest): every ONNX Runtime this project supports loads it.
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="nmt.export", ir_version=8)
+    onnx.save(model, str(path))
