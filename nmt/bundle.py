@@ -37,6 +37,7 @@ Manifest (`manifest.json`, written by export.pipeline)
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,12 @@ class Manifest:
     files: dict[str, dict[str, Any]]
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
     optimizations: frozenset[str] = frozenset()
+
+    @property
+    def checksum(self) -> str:
+        """The bundle's version: SHA-256 of the manifest, which holds every file's SHA-256 and settings."""
+        canonical = json.dumps(self.raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 REQUIRED_KEYS = ("format_version", "name", "src_lang", "tgt_lang", "dtype", "opset", "model", "special_ids",

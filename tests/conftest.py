@@ -66,3 +66,20 @@ def tiny_bundle_int8(tmp_path_factory, tiny_checkpoint) -> Path:
     from export.pipeline import export_bundle
 
     return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundles") / "tiny-int8", dtype="int8")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_v2(tmp_path_factory, tiny_checkpoint) -> Path:
+    """A second version of `tiny_bundle`: same name, tokenizer and dtype, weights nudged (seeded noise on
+    every matrix) so that it translates differently; for reloads and versioned caches."""
+    import torch
+
+    from export.pipeline import export_bundle
+
+    ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    gen = torch.Generator().manual_seed(21)
+    ckpt["model"] = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=gen) if v.dim() == 2 else v
+                     for k, v in ckpt["model"].items()}
+    path = tmp_path_factory.mktemp("ckpt-v2") / "v2.pt"
+    torch.save(ckpt, path)
+    return export_bundle(path, tmp_path_factory.mktemp("bundles") / "tiny-fp32-v2")

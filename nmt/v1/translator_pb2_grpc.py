@@ -50,6 +50,11 @@ class TranslatorStub:
                 request_serializer=nmt_dot_v1_dot_translator__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=nmt_dot_v1_dot_translator__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.ReloadModel = channel.unary_unary(
+                '/nmt.v1.Translator/ReloadModel',
+                request_serializer=nmt_dot_v1_dot_translator__pb2.ReloadModelRequest.SerializeToString,
+                response_deserializer=nmt_dot_v1_dot_translator__pb2.ReloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class TranslatorServicer:
@@ -82,6 +87,17 @@ class TranslatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadModel(self, request, context):
+        """Admin: load a new version of a served model under the same name without downtime. The new bundle is
+        verified (format version, checksums) and warmed up before it takes traffic; requests already accepted
+        finish on the old version. Needs the server's bearer token (PERMISSION_DENIED when the server has none).
+        Errors: INVALID_ARGUMENT (unknown model, bundle of another name or language pair), FAILED_PRECONDITION
+        (broken bundle: the old version keeps serving), UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TranslatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +115,11 @@ def add_TranslatorServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=nmt_dot_v1_dot_translator__pb2.GetModelInfoRequest.FromString,
                     response_serializer=nmt_dot_v1_dot_translator__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'ReloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModel,
+                    request_deserializer=nmt_dot_v1_dot_translator__pb2.ReloadModelRequest.FromString,
+                    response_serializer=nmt_dot_v1_dot_translator__pb2.ReloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,6 +204,33 @@ class Translator:
             '/nmt.v1.Translator/GetModelInfo',
             nmt_dot_v1_dot_translator__pb2.GetModelInfoRequest.SerializeToString,
             nmt_dot_v1_dot_translator__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nmt.v1.Translator/ReloadModel',
+            nmt_dot_v1_dot_translator__pb2.ReloadModelRequest.SerializeToString,
+            nmt_dot_v1_dot_translator__pb2.ReloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

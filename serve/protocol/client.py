@@ -123,6 +123,15 @@ class TranslatorClient:
         except grpc.RpcError as e:
             raise TranslatorError.from_rpc_error(e) from None
 
+    def reload_model(self, name: str, path: str = "",
+                     timeout: float | None = 300.0) -> pb.ReloadModelResponse:
+        """Admin: load a new version of model `name` (from `path` on the server, default: its directory)."""
+        try:
+            return self.stub.ReloadModel(pb.ReloadModelRequest(name=name, path=path), timeout=timeout,
+                                         metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise TranslatorError.from_rpc_error(e) from None
+
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """The grpc.health.v1 status name, e.g. "SERVING" or "NOT_SERVING". Raises TranslatorError."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc

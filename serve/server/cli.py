@@ -6,7 +6,8 @@
 Start-up: every bundle's manifest and checksums are verified before the port opens (a bad bundle:
 one line on stderr, exit 1, nothing listening); the server then listens with health NOT_SERVING
 while the models load and warm up, and turns SERVING. SIGTERM/SIGINT: NOT_SERVING, new RPCs refused,
-accepted requests finish within --drain-seconds, exit 0.
+accepted requests finish within --drain-seconds, exit 0. SIGHUP: every --model-dir is read again and a
+changed bundle is verified, warmed up and swapped in without downtime (serve.server.reload).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from pathlib import Path
 
 from nmt.bundle import BundleError, read_manifest
 from nmt.errors import EXIT_FAILURE, UserError
+from serve.server.cache import TranslationCache
 from serve.server.keys import KeyStore, read_keys_file
 from serve.server.metrics import Metrics
 from serve.server.registry import BATCHING_MODES, BatchingConfig, ModelRegistry
+from serve.server.reload import Reloader
 from serve.server.server import ServerConfig, create_server
 from serve.server.servicer import Limits
 
@@ -70,6 +73,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--drain-seconds", type=float, default=20.0,
                    help="on SIGTERM, how long accepted requests may take to finish")
+    p.add_argument("--cache-size", type=int, default=0,
+                   help="keep the translations of this many distinct texts (LRU) and answer repeats "
+                        "from them; 0: no cache (the default)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="debug logs one line per request")
     return p.parse_args(argv)
@@ -83,6 +89,8 @@ def build_config(args: argparse.Namespace) -> tuple[ServerConfig, BatchingConfig
     for flag, value in positive.items():
         if value <= 0:
             raise UserError(f"{flag} must be positive, got {value}")
+    if args.cache_size < 0:
+        raise UserError(f"--cache-size must be >= 0, got {args.cache_size}")
     if args.max_delay_ms < 0 or args.drain_seconds < 0:
         raise UserError("--max-delay-ms and --drain-seconds must be >= 0")
     if args.max_texts > args.max_queue:
@@ -147,11 +155,15 @@ def main(argv: list[str]) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    hangup = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: hangup.set())
 
     metrics = Metrics()
-    registry = ModelRegistry(batching, metrics)
+    cache = TranslationCache(args.cache_size, metrics) if args.cache_size else None
+    registry = ModelRegistry(batching, metrics, cache)
+    reloader = Reloader(registry, metrics=metrics)  # its engine settings are set once the engine loads
     try:
-        server, port = create_server(registry, config, metrics)
+        server, port = create_server(registry, config, metrics, reloader)
         http = metrics.serve_http(args.metrics_port, args.host) if args.metrics_port is not None else None
         api = start_http_api(registry, config, metrics, args) if args.http_port is not None else None
     except OSError as e:
@@ -162,12 +174,13 @@ def main(argv: list[str]) -> int:
     try:
         from serve.engine.translator import EngineConfig, Translator
 
+        engine = reloader.engine = EngineConfig(device=args.device, intra_op_threads=args.intra_op_threads)
         for d in args.model_dir:
             if stop.is_set():
                 break
-            engine = EngineConfig(device=args.device, intra_op_threads=args.intra_op_threads)
             translator = Translator.from_bundle(d, engine)
             registry.add(translator)
+            reloader.dirs[translator.name] = d
             log.info("loaded %s (%s->%s) from %s on %s", translator.name, translator.src_lang,
                      translator.tgt_lang, d, translator.provider)
     except Exception as e:  # nothing half-started stays up: stop and say why in one line
@@ -179,7 +192,10 @@ def main(argv: list[str]) -> int:
         server.set_serving()
         log.info("SERVING %d model(s)", len(registry.models))
     while not stop.wait(0.5):
-        pass
+        if hangup.is_set():  # off the main thread: a SIGTERM during a reload still drains at once
+            hangup.clear()
+            log.info("SIGHUP: reading the bundle directories again")
+            threading.Thread(target=reloader.reload_all, name="reload", daemon=True).start()
     log.info("draining (up to %.0fs)", args.drain_seconds)
     if api is not None:  # first: its requests in flight need the schedulers that drain() stops
         api.stop(args.drain_seconds)

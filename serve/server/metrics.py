@@ -8,6 +8,8 @@
     nmt_queue_depth                            texts waiting per model
     nmt_step_rows / nmt_step_seconds           continuous batching: running-batch rows and time per step
     nmt_first_step_seconds                     arrival of a text to its first decoder step
+    nmt_cache_hits_total / nmt_cache_misses_total   texts answered by the cache of repeats / decoded
+    nmt_reloads_total by outcome               model reloads: reloaded, unchanged, refused
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ class Metrics:
                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.first_step_time = Histogram("nmt_first_step_seconds", "Arrival of a text to its first step",
                                          ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        # The cache of repeats (serve.server.cache) and model reloads (serve.server.reload).
+        self.cache_hits = Counter("nmt_cache_hits", "Texts answered from the cache", ["model"], registry=r)
+        self.cache_misses = Counter("nmt_cache_misses", "Texts the cache did not hold (decoded)", ["model"],
+                                    registry=r)
+        self.cache_evictions = Counter("nmt_cache_evictions", "Least recently used entries dropped",
+                                       registry=r)
+        self.cache_entries = Gauge("nmt_cache_entries", "Translations held in the cache", registry=r)
+        self.reloads = Counter("nmt_reloads", "Model reloads by outcome (reloaded, unchanged, refused)",
+                               ["model", "outcome"], registry=r)
 
     def request_done(self, method: str, model: str, code: str, seconds: float) -> None:
         self.requests.labels(method, model, code).inc()

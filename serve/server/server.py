@@ -26,6 +26,7 @@ from serve.server.handlers import behaviour, rewrap
 from serve.server.keys import KeyInterceptor, KeyStore
 from serve.server.metrics import Metrics
 from serve.server.registry import ModelRegistry
+from serve.server.reload import Reloader, admin_handler
 from serve.server.servicer import Limits, TranslatorServicer, generic_handler
 from serve.server.status import StatusInterceptor
 
@@ -112,9 +113,11 @@ class TranslationServer:
     """A started grpc server with its health state and model registry."""
 
     def __init__(self, grpc_server: grpc.Server, health_servicer: health.HealthServicer,
-                 registry: ModelRegistry, metrics: Metrics, in_flight: InFlightInterceptor):
+                 registry: ModelRegistry, metrics: Metrics, in_flight: InFlightInterceptor,
+                 reloader: Reloader | None = None):
         self.grpc_server, self.health = grpc_server, health_servicer
         self.registry, self.metrics, self.in_flight = registry, metrics, in_flight
+        self.reloader = reloader or Reloader(registry, metrics=metrics)
 
     def _set_health(self, status: Any) -> None:
         for name in ("", SERVICE):
@@ -144,9 +147,12 @@ class TranslationServer:
 
 
 def create_server(registry: ModelRegistry, config: ServerConfig = ServerConfig(),
-                  metrics: Metrics | None = None) -> tuple[TranslationServer, int]:
-    """Build and start the server on config.host:config.port; returns it (health NOT_SERVING) and the port."""
+                  metrics: Metrics | None = None,
+                  reloader: Reloader | None = None) -> tuple[TranslationServer, int]:
+    """Build and start the server on config.host:config.port; returns it (health NOT_SERVING) and the port.
+    `reloader` serves the ReloadModel RPC (default: one that needs the bundle path in the request)."""
     metrics = metrics or registry.metrics or Metrics()
+    reloader = reloader or Reloader(registry, metrics=metrics)
     size = config.limits.max_message_bytes
     options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
                ("grpc.so_reuseport", 0)]
@@ -160,7 +166,8 @@ def create_server(registry: ModelRegistry, config: ServerConfig = ServerConfig()
     server = grpc.server(ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
                          interceptors=interceptors, options=options,
                          maximum_concurrent_rpcs=config.max_concurrent_rpcs)
-    server.add_generic_rpc_handlers([generic_handler(TranslatorServicer(registry, config.limits, metrics))])
+    server.add_generic_rpc_handlers([generic_handler(TranslatorServicer(registry, config.limits, metrics)),
+                                     admin_handler(reloader, config.auth_token)])
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
@@ -177,7 +184,7 @@ def create_server(registry: ModelRegistry, config: ServerConfig = ServerConfig()
         raise OSError(f"cannot listen on {address}: {e}") from None
     if port == 0:
         raise OSError(f"cannot listen on {address}")
-    wrapper = TranslationServer(server, health_servicer, registry, metrics, in_flight)
+    wrapper = TranslationServer(server, health_servicer, registry, metrics, in_flight, reloader)
     wrapper.set_not_serving()
     server.start()
     log.info("listening on %s:%d (%s)", config.host, port, "TLS" if config.tls_cert else "plaintext")

@@ -219,7 +219,7 @@ class TranslatorServicer:
                 name=t.name, source_language=t.src_lang, target_language=t.tgt_lang, d_model=m.d_model,
                 n_heads=m.n_heads, n_encoder_layers=m.n_encoder_layers, n_decoder_layers=m.n_decoder_layers,
                 vocab_size=m.vocab_size, max_source_tokens=t.max_source_tokens, dtype=m.dtype,
-                provider=t.provider, is_default=i == 0))
+                provider=t.provider, is_default=i == 0, version=served.version))
             if (t.src_lang, t.tgt_lang) not in seen:
                 seen.add((t.src_lang, t.tgt_lang))
                 response.language_pairs.append(pb.LanguagePair(source_language=t.src_lang,

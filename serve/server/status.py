@@ -17,7 +17,7 @@ import grpc
 from nmt.decoding import Cancelled, DeadlineExceeded, InvalidRequest
 from serve.engine.scheduler import QueueFull
 from serve.server.handlers import behaviour, rewrap
-from serve.server.registry import NotReady
+from serve.server.registry import NotReady, ReloadRefused
 
 log = logging.getLogger("nmt.serve")
 
@@ -26,6 +26,7 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
+    (ReloadRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Cancelled, grpc.StatusCode.CANCELLED),
 ]
