@@ -117,6 +117,16 @@ def test_batch_jsonl_with_the_flag_keeps_records_and_scores(tmp_path, tiny_bundl
     assert records[3]["score"] == 0.0 and all(r["score"] < 0 for r in records if r["translation"].strip(" -"))
 
 
+def test_a_line_with_an_invalid_sentence_follows_the_on_error_policy(tmp_path, tiny_bundle, engine, capsys):
+    lines = [LINES[0], SENTENCES[6] + " " + "word " * 400, LINES[1]]  # its second sentence is far too long
+    inp, out = write_txt(tmp_path / "in.txt", lines), tmp_path / "out.txt"
+    assert batch_main([str(inp), str(out), "--model-dir", str(tiny_bundle), "--no-progress",
+                       "--split-sentences", "--on-error", "copy-source"]) == 0
+    assert out.read_text(encoding="utf-8").split("\n")[:-1] == [
+        by_sentence(engine, lines[0]), lines[1], by_sentence(engine, lines[2])]
+    assert "line 2: the segment is" in capsys.readouterr().err
+
+
 def test_split_language_alone_is_a_usage_error(tmp_path, tiny_bundle, capsys):
     inp = write_txt(tmp_path / "in.txt", LINES[:2])
     assert batch_main([str(inp), str(tmp_path / "o.txt"), "--model-dir", str(tiny_bundle),
