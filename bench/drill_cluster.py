@@ -32,8 +32,9 @@ def free_port() -> int:
 class Replica:
     """One `nmt serve` on 127.0.0.1:port; start() waits until it reports SERVING."""
 
-    def __init__(self, name: str, model_dir: Path, port: int, drain_seconds: float, log_dir: Path):
-        self.name, self.model_dir, self.port = name, model_dir, port
+    def __init__(self, name: str, model_dir: Path, port: int, drain_seconds: float, log_dir: Path,
+                 http_port: int | None = None):
+        self.name, self.model_dir, self.port, self.http_port = name, model_dir, port, http_port
         self.drain_seconds = drain_seconds
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
@@ -48,6 +49,7 @@ class Replica:
         cmd = [sys.executable, "-m", "nmt", "serve", "--model-dir", str(self.model_dir), "--host",
                "127.0.0.1", "--port", str(self.port), "--intra-op-threads", "1",
                "--drain-seconds", str(self.drain_seconds), "--log-level", "warning"]
+        cmd += ["--http-port", str(self.http_port)] if self.http_port is not None else []
         with open(self.log_path, "a", encoding="utf-8") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          env=env)
@@ -79,26 +81,30 @@ class Replica:
         self.wait_exit(self.drain_seconds + 15)
 
 
+HTTP_SECTIONS = ("frontend http_api", "backend nmt_http")  # the HTTP API's part of the config
+
+
 def local_config(text: str, listen_port: int, metrics_port: int, servers: list[tuple[str, int]],
-                 access_log: bool = False) -> str:
+                 access_log: bool = False, http_port: int | None = None,
+                 http_servers: list[tuple[str, int]] | None = None) -> str:
     """deploy/haproxy.cfg for loopback: the listeners on the given ports, the DNS-resolved `server` /
     `server-template` lines replaced by one `server` line per replica, the Docker resolvers dropped.
+    The HTTP API's frontend and backend listen on `http_port` and balance `http_servers`; without
+    http_port they are left out (replicas without --http-port).
     access_log: log every request with its user agent (the drill counts attempts from it).
     Health checks, retries, timeouts and error replies stay exactly as shipped."""
-    out, skip = [], False
+    out, section = [], ""
     for line in text.splitlines():
         stripped = line.strip()
-        if skip:  # the body of the `resolvers` section
-            if stripped and not line[0].isspace():
-                skip = False
-            else:
-                continue
-        if stripped.startswith("resolvers "):
-            skip = True
+        if stripped and not line[0].isspace() and not stripped.startswith("#"):
+            section = stripped
+        http = section in HTTP_SECTIONS
+        if section.startswith("resolvers ") or (http and http_port is None):
             continue
-        if re.match(r"bind :8080\b", stripped):
-            line = line.replace("bind :8080", f"bind 127.0.0.1:{listen_port}")
-            if access_log:
+        if re.match(r"bind :(8080|8081)\b", stripped):
+            port = http_port if http else listen_port
+            line = re.sub(r"bind :\d+", f"bind 127.0.0.1:{port}", line)
+            if access_log and not http:
                 out += [line, "    capture request header User-Agent len 48"]
                 continue
         elif access_log and re.match(r"log stderr .* warning$", stripped):
@@ -109,11 +115,14 @@ def local_config(text: str, listen_port: int, metrics_port: int, servers: list[t
             continue
         elif stripped.startswith("server "):
             indent = line[: len(line) - len(line.lstrip())]
-            out += [f"{indent}server {name} 127.0.0.1:{port}" for name, port in servers]
+            out += [f"{indent}server {name} 127.0.0.1:{port}" for name, port in
+                    ((http_servers or []) if http else servers)]
             continue
         out.append(line)
     result = "\n".join(out) + "\n"
-    for must in (f"127.0.0.1:{listen_port}", f"127.0.0.1:{metrics_port}", "tcp-check expect"):
+    musts = [f"127.0.0.1:{listen_port}", f"127.0.0.1:{metrics_port}", "tcp-check expect"]
+    musts += [f"127.0.0.1:{http_port}", "http-check expect"] if http_port is not None else []
+    for must in musts:
         if must not in result:
             raise ValueError(f"deploy/haproxy.cfg changed shape: {must!r} not in the substituted config")
     return result
@@ -123,14 +132,17 @@ class Balancer:
     """HAProxy in the foreground (-db) on the substituted shipped config."""
 
     def __init__(self, servers: list[tuple[str, int]], work_dir: Path, binary: str = "haproxy",
-                 access_log: bool = False):
+                 access_log: bool = False, http_servers: list[tuple[str, int]] | None = None):
+        """http_servers: (name, --http-port) of replicas whose HTTP API to balance on `http_port`."""
         found = shutil.which(binary)
         if found is None:
             raise StressError(f"no {binary} binary (Debian: apt-get install haproxy)")
         self.port, self.metrics_port = free_port(), free_port()
+        self.http_port = free_port() if http_servers else None
         self.config_path = work_dir / "haproxy.cfg"
         self.config_path.write_text(local_config(HAPROXY_CFG.read_text(encoding="utf-8"), self.port,
-                                                 self.metrics_port, servers, access_log), encoding="utf-8")
+                                                 self.metrics_port, servers, access_log, self.http_port,
+                                                 http_servers), encoding="utf-8")
         self.log_path = work_dir / "haproxy.log"
         check = subprocess.run([found, "-c", "-q", "-f", str(self.config_path)], capture_output=True,
                                text=True)

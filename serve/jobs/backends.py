@@ -30,6 +30,8 @@ class Backend(Protocol):
 
     def report(self) -> list[str]: ...  # per-backend lines for the job summary
 
+    def source_language(self) -> str: ...  # of the model used ("" if unknown): --split-sentences
+
     @property
     def retries(self) -> int: ...
 
@@ -57,6 +59,9 @@ class EngineBackend:
     @property
     def retries(self) -> int:
         return 0
+
+    def source_language(self) -> str:
+        return self.translator.src_lang
 
     def report(self) -> list[str]:
         return [f"engine {self.model_dir}: {self.calls} calls"]
@@ -190,6 +195,21 @@ class GrpcBackend:
                                    + (f" (after {attempt} retries)" if code in transient else "")) from None
             self.pool.succeeded(server)
             return results
+
+    def source_language(self) -> str:
+        """The default model's, from the first server that answers ("" when none does: the job's own
+        calls then wait for the servers as usual, and the splitter uses its English rules)."""
+        import grpc
+
+        for s in self.pool.servers:
+            try:
+                models = s.client.model_info(timeout=self.timeout).models
+            except grpc.RpcError:
+                continue
+            default = next((m for m in models if m.is_default), models[0] if models else None)
+            if default is not None:
+                return str(default.source_language)
+        return ""
 
     def report(self) -> list[str]:
         return [f"server {s.target}: {s.ok_calls} calls answered, {s.failed_calls} unavailable"

@@ -10,6 +10,10 @@ with its line number and handled by --on-error:
                (either way the output keeps one line per input line, so line numbers stay aligned)
   copy-source  the source text as its translation (jsonl also gets the "error" field)
 Empty (or blank) segments translate to an empty line without a model call.
+--split-sentences cuts each segment into sentences (nmt.sentences) sent as rows of the chunk's
+requests and rejoined with the original whitespace: still one output line per input line, and a
+commit still covers whole lines, so a resume works as without it. A segment with an invalid
+sentence is handled by --on-error as a whole.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from nmt.bundle import BundleError
 from nmt.decoding import DecodeOptions, InvalidRequest, TranslationResult
 from nmt.errors import UserError
+from nmt.sentences import Layout, join_results, split_text
 from serve.jobs.backends import Backend, EngineBackend, GrpcBackend
 from serve.jobs.segments import (
     InputError,
@@ -62,6 +68,7 @@ class JobConfig:
     on_error: str = "fail"
     chunk_size: int = 32
     in_flight: int = 128
+    split_language: str | None = None  # cut segments into sentences in this language (None: whole lines)
 
 
 @dataclass
@@ -114,17 +121,34 @@ def segment_message(msg: str) -> str:
     return re.sub(r"^(texts?\[\d+\]|text \d+|source \d+) ", "the segment ", msg)
 
 
+def layout_of(text: str, rows: list[str], cfg: JobConfig) -> Layout:
+    """Add the rows of one segment to `rows`: its sentences, or the whole text as one row."""
+    if cfg.split_language is not None:
+        return split_text(text, cfg.split_language, rows)
+    rows.append(text)
+    return [len(rows) - 1]
+
+
 def translate_chunk(backend: Backend, segments: list[Segment], cfg: JobConfig) -> ChunkResult:
-    outcomes = {i: Outcome(translation="", score=0.0) for i, s in enumerate(segments) if not s.text.strip()}
-    todo = [i for i, s in enumerate(segments) if s.text.strip()]
+    rows: list[str] = []
+    layouts = {i: layout_of(s.text, rows, cfg) for i, s in enumerate(segments) if s.text.strip()}
+    # Requests of at most chunk_size rows, so splitting never makes a request larger than without it.
+    answers = [r for k in range(0, len(rows), cfg.chunk_size)
+               for r in translate_isolating(backend, rows[k:k + cfg.chunk_size], cfg.options)]
+    outcomes = {i: Outcome(translation="", score=0.0) for i in range(len(segments)) if i not in layouts}
     result = ChunkResult(segments[0].line, [])
-    for i, r in zip(todo, translate_isolating(backend, [segments[i].text for i in todo], cfg.options)):
-        if isinstance(r, InvalidRequest):
-            msg = segment_message(str(r))
+    for i, layout in layouts.items():
+        mine = [answers[p] for p in layout if isinstance(p, int)]
+        bad = next((r for r in mine if isinstance(r, InvalidRequest)), None)
+        if bad is not None:
+            msg = segment_message(str(bad))
             result.errors.append((segments[i], msg))
             copy = segments[i].text if cfg.on_error == "copy-source" else None
             outcomes[i] = Outcome(translation=copy, error=msg)
             continue
+        # Every row of this segment is a result now; the whole line's row stays as the engine scored it.
+        r = cast(TranslationResult, mine[0]) if cfg.split_language is None else join_results(
+            layout, cast(list[TranslationResult], answers), cfg.options.length_penalty)
         best = r.hypotheses[0]
         outcomes[i] = Outcome(translation=best.text, score=best.score)
         result.source_tokens += r.source_tokens
@@ -222,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=32, help="segments per request")
     p.add_argument("--in-flight", type=int, default=128, help="segments translated at once (bounded memory)")
     p.add_argument("--on-error", choices=POLICIES, default="fail", help="what an invalid segment becomes")
+    p.add_argument("--split-sentences", action="store_true",
+                   help="cut segments into sentences, translate them as rows, rejoin each line with its "
+                        "original whitespace (language: --split-language, else the model's source language)")
+    p.add_argument("--split-language", help="language code for --split-sentences")
     p.add_argument("--reference", help="reference translations (one per line): print sacreBLEU and chrF")
     p.add_argument("--auth-token", default=os.environ.get("NMT_AUTH_TOKEN"),
                    help="bearer token for the servers (default: $NMT_AUTH_TOKEN)")
@@ -253,6 +281,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InvalidRequest("OUTPUT is the INPUT file; write the translation elsewhere")
     if args.model_dir and not Path(args.model_dir).is_dir():
         raise BundleError(f"{args.model_dir}: no such directory")
+    if args.split_language is not None and not (args.split_sentences and args.split_language.strip()):
+        raise InvalidRequest("--split-language needs --split-sentences and a language code")
 
 
 def make_backend(args: argparse.Namespace) -> Backend:
@@ -286,10 +316,14 @@ def run_command(args: argparse.Namespace, backend: Backend | None = None) -> int
                    "length_penalty": args.length_penalty,
                    "scores": cfg.with_scores, "on_error": cfg.on_error,
                    "backend": f"model-dir:{Path(args.model_dir).resolve()}" if args.model_dir else "servers"}
+    if args.split_sentences:  # only then: the state of a job without it stays as it was
+        job_options["split_sentences"] = args.split_language or "source language of the model"
     out = OrderedOutput.open(args.output, input_identity(args.input), job_options, restart=args.restart)
     try:
         backend = backend or make_backend(args)
         try:
+            if args.split_sentences:
+                cfg.split_language = args.split_language or backend.source_language()
             from tqdm import tqdm
 
             with tqdm(total=total, initial=out.committed_lines, unit="seg", file=sys.stderr,

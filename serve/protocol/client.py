@@ -10,6 +10,7 @@ grpc.RpcError whose code() keeps the status (e.retryable for UNAVAILABLE / RESOU
 
     nmt translate "A man is riding a bike." --server localhost:50051 [--beam-size 4] [--n-best 2 --scores]
     cat input.en | nmt translate --server localhost:50051 > output.de
+    nmt translate --split-sentences "A man rides.  A dog runs." --server localhost:50051  # one line out
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ import grpc
 
 from nmt.decoding import DecodeOptions, TranslationResult
 from nmt.errors import UserError
+from nmt.sentences import SplitTexts
 from nmt.v1 import translator_pb2 as pb
 from nmt.v1 import translator_pb2_grpc
 from serve.protocol.convert import options_to_proto, result_from_proto
@@ -187,6 +190,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--min-length", type=int, default=0)
     p.add_argument("--scores", action="store_true", help="print INDEX<TAB>SCORE<TAB>TEXT per hypothesis")
     p.add_argument("--chunk", type=int, default=32, help="texts per request when reading stdin")
+    p.add_argument("--split-sentences", action="store_true",
+                   help="cut each text into sentences (in --source-language, else the model's source "
+                        "language), translate them as rows and rejoin them with the original whitespace")
     return p.parse_args(argv)
 
 
@@ -211,24 +217,63 @@ def main(argv: list[str]) -> int:
     route = dict(model=args.model, source_language=args.source_language, target_language=args.target_language)
     try:
         with TranslatorClient(args.server, auth_token=args.auth_token, tls_ca=args.tls_ca) as client:
+            lang = split_language(client, args) if args.split_sentences else None
             if args.texts:
-                print_results(client.translate(args.texts, options, args.timeout, **route), 0, args.scores,
-                              args.n_best)
+                split = SplitTexts(args.texts, lang) if lang is not None else None
+                rows = split.sentences if split is not None else args.texts
+                results = client.translate(rows, options, args.timeout, **route) if rows else []
+                if split is not None:
+                    results = split.join(results, options.length_penalty)
+                print_results(results, 0, args.scores, args.n_best)
                 return 0
             lines = (line.rstrip("\n") for line in sys.stdin)
             chunks = (chunk for chunk in _chunks(lines, args.chunk))
             index = 0
+            # Split chunks in input order; one whose lines hold no sentence is printed without a request.
+            splits: deque[tuple[str, SplitTexts]] = deque()
+
+            def requests() -> Iterator[tuple[str, list[str]]]:
+                for i, chunk in enumerate(chunks):
+                    if lang is None:
+                        yield str(i), chunk
+                        continue
+                    splits.append((str(i), SplitTexts(chunk, lang)))
+                    if splits[-1][1].sentences:
+                        yield str(i), splits[-1][1].sentences
+
+            def flush_rowless(until: str | None) -> int:
+                printed = 0
+                while splits and splits[0][0] != until:
+                    results = splits.popleft()[1].join([], options.length_penalty)
+                    print_results(results, index + printed, args.scores, args.n_best)
+                    printed += len(results)
+                return printed
+
             # A stream keeps the server's batches full while we print; the deadline covers the whole input.
-            batches = ((str(i), c) for i, c in enumerate(chunks))
-            for answer in client.translate_stream(batches, options, **route):
+            for answer in client.translate_stream(requests(), options, **route):
                 if answer.error is not None:
                     raise answer.error
                 results = answer.results or []
+                if lang is not None:
+                    index += flush_rowless(answer.request_id)
+                    results = splits.popleft()[1].join(results, options.length_penalty)
                 print_results(results, index, args.scores, args.n_best)
                 index += len(results)
+            flush_rowless(None)
     except TranslatorError as e:
         raise e.user_error(args.server) from None
     return 0
+
+
+def split_language(client: TranslatorClient, args: argparse.Namespace) -> str:
+    """--source-language, else the source language of the model the server picks for these flags."""
+    if args.source_language:
+        return args.source_language
+    models = [m for m in client.model_info(args.timeout).models
+              if (not args.model or m.name == args.model)
+              and (not args.target_language or m.target_language == args.target_language)]
+    chosen = next((m for m in models if m.is_default), models[0] if models else None)
+    return chosen.source_language if chosen is not None else "en"  # no match: the server will refuse
 
 
 def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:

@@ -10,7 +10,8 @@
 
 Errors are {"error": "..."} with LibreTranslate's codes: 400 bad input or a missing key, 403 an
 invalid key, 429 over a limit or a full queue, 503 loading or draining, 500 only for our failures.
-Texts are cut into sentences (serve.server.http_text) and each sentence is one row of the scheduler.
+Texts are cut into sentences (nmt.sentences; HTML text nodes by serve.server.http_text) and each
+sentence is one row of the scheduler.
 """
 
 from __future__ import annotations
@@ -35,16 +36,9 @@ from starlette.staticfiles import StaticFiles
 
 from nmt.decoding import DecodeOptions, Hypothesis, InvalidRequest, StopSignal
 from nmt.files import atomic_write_text
+from nmt.sentences import Layout, render, split_text
 from serve.server.http_server import Cors, HttpError, read_params, status_response
-from serve.server.http_text import (
-    Detector,
-    Layout,
-    escape_text,
-    language_name,
-    render,
-    split_html,
-    split_text,
-)
+from serve.server.http_text import Detector, escape_text, language_name, split_html
 from serve.server.keys import KeyStore, bearer
 from serve.server.metrics import Metrics
 from serve.server.registry import ModelRegistry, NotReady, ServedModel

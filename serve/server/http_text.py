@@ -1,25 +1,16 @@
-"""Text handling of the HTTP API: sentence splitting, HTML text nodes, language detection.
+"""Text handling of the HTTP API: HTML text nodes, language detection, language names.
 
-Our models are trained on single sentences, so a request's text is cut into sentences, each
-translated as one row, and put back with the original whitespace and markup around them. A text
-becomes a *layout*: literal pieces (whitespace, markup) and indices into the list of sentences.
-
-    sentences: list[str] = []
-    layout = split_text("A man.  A dog.", "en", sentences)  # sentences == ["A man.", "A dog."]
-    render(layout, ["Ein Mann.", "Ein Hund."])                 # "Ein Mann.  Ein Hund."
+Plain texts are cut into sentences by nmt.sentences (shared with `nmt translate` and `nmt batch`);
+an HTML document's text nodes go through the same splitting, its markup into the layout as written.
 """
 
 from __future__ import annotations
 
 import html
-import re
 import threading
-from collections.abc import Callable
 from html.parser import HTMLParser
 
-import pysbd
-
-Layout = list[str | int]  # literal text, or the index of a sentence to translate
+from nmt.sentences import Layout, split_text
 
 # English names of the codes a bundle is likely to carry (anything else shows as its code).
 LANGUAGE_NAMES = {
@@ -32,51 +23,10 @@ LANGUAGE_NAMES = {
 }
 
 SKIP_TAGS = frozenset({"script", "style", "code"})  # their content is never translated
-_EDGES = re.compile(r"^(\s*)(.*?)(\s*)$", re.S)
-_WORDY = re.compile(r"[^\W\d_]")  # a letter of any script
 
 
 def language_name(code: str) -> str:
     return LANGUAGE_NAMES.get(code, code)
-
-
-def _spans(line: str, lang: str) -> list[tuple[int, int]]:
-    # A Segmenter keeps the text it works on in itself: one per call, so threads never share one.
-    seg = pysbd.Segmenter(language=lang if lang in pysbd.languages.LANGUAGE_CODES else "en",
-                          clean=False, char_span=True)
-    return [(s.start, s.end) for s in seg.segment(line)]
-
-
-def split_text(text: str, lang: str, sentences: list[str],
-               escape: Callable[[str], str] = lambda s: s) -> Layout:
-    """Append `text`'s sentences to `sentences`; returns its layout. Lines never join into one sentence;
-    `escape` applies to the literal pieces (HTML text nodes keep their entities escaped)."""
-    layout: Layout = []
-    for n, line in enumerate(text.split("\n")):
-        if n:
-            layout.append("\n")
-        if not line.strip():
-            layout.append(escape(line))
-            continue
-        pos = 0
-        for start, end in _spans(line, lang):
-            start = max(start, pos)
-            if start > pos:  # characters the splitter left out stay as they were
-                layout.append(escape(line[pos:start]))
-            lead, core, trail = _EDGES.match(line[start:end]).groups()  # type: ignore[union-attr]
-            if _WORDY.search(core):  # punctuation or symbols alone are kept, not translated
-                layout += [escape(lead), len(sentences), escape(trail)]
-                sentences.append(core)
-            else:
-                layout.append(escape(lead + core + trail))
-            pos = max(pos, end)
-        if pos < len(line):
-            layout.append(escape(line[pos:]))
-    return [p for p in layout if p != ""]
-
-
-def render(layout: Layout, translations: list[str], escape: Callable[[str], str] = lambda s: s) -> str:
-    return "".join(p if isinstance(p, str) else escape(translations[p]) for p in layout)
 
 
 def escape_text(s: str) -> str:

@@ -23,10 +23,17 @@ def directives(text: str) -> list[str]:
 def test_local_config_keeps_the_shipped_file_but_its_addresses():
     shipped = directives(HAPROXY_CFG.read_text(encoding="utf-8"))
     local = directives(local_config(HAPROXY_CFG.read_text(encoding="utf-8"), 18080, 18404,
-                                    [("r1", 15001), ("r2", 15002)], access_log=True))
+                                    [("r1", 15001), ("r2", 15002)], access_log=True, http_port=18500,
+                                    http_servers=[("h1", 15101), ("h2", 15102)]))
     assert "bind 127.0.0.1:18080 proto h2" in local and "bind 127.0.0.1:18404" in local
+    assert "bind 127.0.0.1:18500" in local
     assert [d for d in local if d.startswith("server")] == ["server r1 127.0.0.1:15001",
-                                                            "server r2 127.0.0.1:15002"]
+                                                            "server r2 127.0.0.1:15002",
+                                                            "server h1 127.0.0.1:15101",
+                                                            "server h2 127.0.0.1:15102"]
+    grpc_only = directives(local_config(HAPROXY_CFG.read_text(encoding="utf-8"), 18080, 18404,
+                                        [("r1", 15001)]))
+    assert "backend nmt_http" not in grpc_only and "option httpchk" not in grpc_only
     assert not [d for d in local if "resolvers" in d or "nameserver" in d or d.startswith("bind :")]
     substituted = ("bind ", "server", "resolvers", "nameserver", "hold ", "accepted_payload_size",
                    "log stderr")

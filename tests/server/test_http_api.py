@@ -245,7 +245,8 @@ def test_page_and_static_files_are_served(server):
 
 
 def test_layouts_keep_whitespace_markup_and_symbols():
-    from serve.server.http_text import escape_text, render, split_html, split_text
+    from nmt.sentences import render, split_text
+    from serve.server.http_text import escape_text, split_html
 
     sentences: list[str] = []
     layout = split_text(" Hi there.  -- \n\n42 ok!", "en", sentences)
