@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.run import read_text
-from nmt.bundle import TOKENIZER_FILE, read_manifest
+from nmt.bundle import read_manifest
 from nmt.decoding import DecodeOptions
-from nmt.tokenizer import Tokenizer
+from nmt.pair_tokenizer import load_bundle_tokenizer
 from serve.engine.runtime import Runtime
 from serve.engine.translator import EngineConfig, Translator
 
@@ -54,7 +54,7 @@ def load_variant(spec: str, threads: int) -> Variant:
     spinning = None if "spin" in flags else False
     runtime = Runtime(Path(path), manifest, "cpu", threads, None, "all", allow_spinning=spinning)
     runtime.grouped_cross = runtime.grouped_cross and "expand" not in flags
-    tokenizer = Tokenizer.load(Path(path) / TOKENIZER_FILE)
+    tokenizer = load_bundle_tokenizer(path, manifest.raw)
     translator = Translator(runtime, manifest, tokenizer, EngineConfig(device="cpu"))
     translator.warmup()
     return Variant(name, translator)
