@@ -63,7 +63,7 @@ def decode_prefixes(model: Transformer, prefixes: Tensor, src_mask: Tensor, cros
 
 @torch.inference_mode()
 def greedy_decode(model: Transformer, src_ids: list[int], opts: DecodeOptions,
-                  prefix: list[int] | None = None) -> Hypothesis:
+                  target_prefix: list[int] | None = None) -> Hypothesis:
     """Textbook greedy decoding of one source: argmax each step over the whole prefix, after the
     forced target `prefix` (if any)."""
     cfg = model.cfg
@@ -71,7 +71,7 @@ def greedy_decode(model: Transformer, src_ids: list[int], opts: DecodeOptions,
     src_mask, cross = encode_source(model, src_ids)
     device = src_mask.device
     tokens: list[int] = []
-    forced = list(prefix or [])
+    forced = list(target_prefix or [])
     log_prob = torch.zeros((), dtype=torch.float32)  # float32 sum, as the engine accumulates
     ended = False
     for _ in range(max_new_tokens(len(src_ids), opts, cfg.max_positions)):
@@ -94,9 +94,9 @@ def greedy_decode(model: Transformer, src_ids: list[int], opts: DecodeOptions,
 
 @torch.inference_mode()
 def beam_search(model: Transformer, src_ids: list[int], opts: DecodeOptions,
-                prefix: list[int] | None = None) -> list[Hypothesis]:
+                target_prefix: list[int] | None = None) -> list[Hypothesis]:
     """Beam search of one source; returns the n_best finished hypotheses, best first. With a forced
-    target `prefix` the search starts after it, from that single hypothesis (score 0).
+    `target_prefix` the search starts after it, from that single hypothesis (score 0).
 
     Each step every live hypothesis proposes its top 2k tokens; all candidates are sorted by
     cumulative log-prob (ties: lower live index, then lower token id) and the first 2k walked:
@@ -109,7 +109,7 @@ def beam_search(model: Transformer, src_ids: list[int], opts: DecodeOptions,
     check_source(model, src_ids)
     device = next(model.parameters()).device
     max_new = max_new_tokens(len(src_ids), opts, cfg.max_positions)
-    live: list[list[int]] = [list(prefix or [])]  # a single BOS (+ prefix) hypothesis
+    live: list[list[int]] = [list(target_prefix or [])]  # a single BOS (+ prefix) hypothesis
     live_lp = torch.zeros(1, dtype=torch.float32)  # (N,) cumulative log-probs of the live beams
     finished: list[Hypothesis] = []
     encoded = encode_source(model, src_ids)

@@ -238,7 +238,8 @@ def beam_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos: 
             aligns = (cache.alignment[start:start + count]  # (count,)
                       if opts.return_alignments and cache.alignment is not None else None)
             if prefixes and step < len(prefixes[i]):
-                force(beams[i], prefixes[i][step], start, step, opts, None if aligns is None else int(aligns[0]))
+                align = None if aligns is None else int(aligns[0])
+                force(beams[i], prefixes[i][step], start, step, opts, align)
                 continue
             advance(beams[i], values[start:start + count], ids[start:start + count], start, step, opts, eos,
                     aligns)

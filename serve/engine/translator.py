@@ -146,7 +146,8 @@ class Translator:
         if prefixes is not None:
             if len(prefixes) != len(sources):
                 raise InvalidRequest(f"{len(prefixes)} target prefixes for {len(sources)} sources")
-            check_prefixes(prefixes, [self.budget(len(s), options) for s in sources], self.manifest.vocab_size)
+            budgets = [self.budget(len(s), options) for s in sources]
+            check_prefixes(prefixes, budgets, self.manifest.vocab_size)
 
     def translate(self, texts: list[str], options: DecodeOptions = GREEDY,
                   stop: StopSignal | None = None) -> list[TranslationResult]:
