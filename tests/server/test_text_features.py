@@ -115,7 +115,8 @@ def test_protected_spans_and_terms_come_back_verbatim(served):
 
 
 @pytest.mark.parametrize("request_kw, message", [
-    (dict(text_options=[pb.TextOptions(target_prefix="Ein " * 40)]), "text_options[0].target_prefix is 40 tokens"),
+    (dict(text_options=[pb.TextOptions(target_prefix="Ein " * 40)]),
+     "text_options[0].target_prefix is 40 tokens"),
     (dict(text_options=[pb.TextOptions(target_prefix_tokens=[3])]), "outside the target vocabulary"),
     (dict(text_options=[pb.TextOptions(target_prefix_tokens=[10 ** 6])]), "outside the target vocabulary"),
     (dict(text_options=[pb.TextOptions(target_prefix="Ein", target_prefix_tokens=[5])]), "not both"),
