@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 import grpc
@@ -72,7 +73,12 @@ def _stream(servicer: TranslatorServicer, request: pb.TranslateIncrementalReques
     restorer = p.plan.restorer(0)
     future = p.model.scheduler.submit(p.sources, p.options, stop, prefixes=p.plan.prefixes, listener=pieces)
     # A cancelled call is not resumed by grpc: its outcome is recorded when the loop drops the text.
-    future.add_done_callback(lambda f: f.exception() is not None and record(*status_of(f.exception())))
+    def ended(f: Future) -> None:
+        exc = f.exception()
+        if exc is not None:
+            record(*status_of(exc))
+
+    future.add_done_callback(ended)
 
     def answer(u: Update) -> pb.TranslateIncrementalResponse:
         # The partial text is restored on its own: it may be revised, the pieces may not.
