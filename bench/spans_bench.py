@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         src, ref = src[:args.limit], ref[:args.limit]
     spans = [auto_spans(t) for t in src]
+    if all(spans) or not any(spans):
+        raise SystemExit("spans_bench: need sentences both with and without automatic spans; use more")
     plain = translate(translator, src)
     without = [i for i, s in enumerate(spans) if not s]
     with_ = [i for i, s in enumerate(spans) if s]
