@@ -16,6 +16,10 @@ own (serve.engine.search applies the same rules). A beam text's k rows stay toge
 want alignments run in a second lane (the decoder graph with the cross_attention output), stepped
 in turn with the first: every other text decodes on the plain graph, as it would alone.
 
+A text with a forced target prefix takes its first steps from the prefix (unscored; a beam is one
+hypothesis until the prefix ends), whatever the other rows are doing. A request's step listener (a
+streamed text, serve.engine.streaming) is told its candidates after each of its steps.
+
 The budget counts padded cache tokens of the batch as it would be at its longest: rows x (longest
 source + longest generation budget), the `serve.engine.packing` unit. The queue is bounded in texts
 (QueueFull beyond it), like the static scheduler (serve.engine.scheduler), whose interface it shares.
