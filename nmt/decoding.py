@@ -85,6 +85,22 @@ def check_sources(sources: Sequence[Sequence[int]], max_tokens: int, vocab_size:
                                      f"{bad[:5]}")
 
 
+def check_prefixes(prefixes: Sequence[Sequence[int]], budgets: Sequence[int], vocab_size: int, *,
+                   name: Callable[[int], str] = "target_prefix {}".format, special: int = 4) -> None:
+    """The one check of forced target prefixes (target ids, no BOS/EOS): inside the vocabulary, no
+    special id (ids below `special`: pad, unk, bos, eos) and at most the text's length budget
+    (`budgets[i]`, see max_new_tokens: the prefix is part of the output). InvalidRequest if bad."""
+    for i, (ids, budget) in enumerate(zip(prefixes, budgets)):
+        bad = [t for t in ids if not special <= t < vocab_size]
+        if bad:
+            raise InvalidRequest(f"{name(i)} has token ids outside the target vocabulary [{special}, "
+                                 f"{vocab_size}) (special ids are not allowed): {bad[:5]}")
+        if len(ids) > budget:
+            raise InvalidRequest(f"{name(i)} is {len(ids)} tokens long, longer than the {budget} tokens "
+                                 f"this text may produce (max_length_a * source_tokens + max_length_b, "
+                                 f"capped by the model)")
+
+
 def max_new_tokens(src_len: int, opts: DecodeOptions, max_positions: int) -> int:
     """Generation budget (EOS included) for a source of src_len ids (its EOS counted)."""
     return min(int(opts.max_length_a * src_len + opts.max_length_b), max_positions - 1)

@@ -6,7 +6,9 @@ Shared semantics (the engine implements the same rules):
   * EOS is forbidden (log-prob -inf) while fewer than min_length tokens were generated;
   * score = log_prob_sum / ((5 + L) / 6) ** length_penalty, L counting EOS when present;
   * greedy takes the argmax (ties -> lowest id);
-  * beam search: see `beam_search`.
+  * beam search: see `beam_search`;
+  * a forced target prefix takes the first steps, unscored (log_prob sums the searched tokens; the
+    length in the normalisation counts the whole output), and is part of the output and its budget.
 
 `greedy_decode` and `beam_search` are deliberately uncached (the Annotated Transformer loop:
 re-run the decoder over the whole prefix each step), so they check the model's K/V cache
@@ -60,16 +62,22 @@ def decode_prefixes(model: Transformer, prefixes: Tensor, src_mask: Tensor, cros
 
 
 @torch.inference_mode()
-def greedy_decode(model: Transformer, src_ids: list[int], opts: DecodeOptions) -> Hypothesis:
-    """Textbook greedy decoding of one source: argmax each step over the whole prefix."""
+def greedy_decode(model: Transformer, src_ids: list[int], opts: DecodeOptions,
+                  target_prefix: list[int] | None = None) -> Hypothesis:
+    """Textbook greedy decoding of one source: argmax each step over the whole prefix, after the
+    forced target `prefix` (if any)."""
     cfg = model.cfg
     check_source(model, src_ids)
     src_mask, cross = encode_source(model, src_ids)
     device = src_mask.device
     tokens: list[int] = []
+    forced = list(target_prefix or [])
     log_prob = torch.zeros((), dtype=torch.float32)  # float32 sum, as the engine accumulates
     ended = False
     for _ in range(max_new_tokens(len(src_ids), opts, cfg.max_positions)):
+        if len(tokens) < len(forced):
+            tokens.append(forced[len(tokens)])
+            continue
         prefix = torch.tensor([[cfg.bos_id] + tokens], dtype=torch.long, device=device)  # (1, T)
         logp = step_log_probs(decode_prefixes(model, prefix, src_mask, cross)[0], len(tokens), opts,
                               cfg.eos_id).cpu()  # (V,)
@@ -85,8 +93,10 @@ def greedy_decode(model: Transformer, src_ids: list[int], opts: DecodeOptions) -
 
 
 @torch.inference_mode()
-def beam_search(model: Transformer, src_ids: list[int], opts: DecodeOptions) -> list[Hypothesis]:
-    """Beam search of one source; returns the n_best finished hypotheses, best first.
+def beam_search(model: Transformer, src_ids: list[int], opts: DecodeOptions,
+                target_prefix: list[int] | None = None) -> list[Hypothesis]:
+    """Beam search of one source; returns the n_best finished hypotheses, best first. With a forced
+    `target_prefix` the search starts after it, from that single hypothesis (score 0).
 
     Each step every live hypothesis proposes its top 2k tokens; all candidates are sorted by
     cumulative log-prob (ties: lower live index, then lower token id) and the first 2k walked:
@@ -99,7 +109,7 @@ def beam_search(model: Transformer, src_ids: list[int], opts: DecodeOptions) -> 
     check_source(model, src_ids)
     device = next(model.parameters()).device
     max_new = max_new_tokens(len(src_ids), opts, cfg.max_positions)
-    live: list[list[int]] = [[]]  # step 0: a single BOS hypothesis
+    live: list[list[int]] = [list(target_prefix or [])]  # a single BOS (+ prefix) hypothesis
     live_lp = torch.zeros(1, dtype=torch.float32)  # (N,) cumulative log-probs of the live beams
     finished: list[Hypothesis] = []
     encoded = encode_source(model, src_ids)
@@ -108,7 +118,7 @@ def beam_search(model: Transformer, src_ids: list[int], opts: DecodeOptions) -> 
         finished.append(Hypothesis(text="", tokens=tokens, log_prob=lp,
                                    score=normalised_score(lp, length, opts.length_penalty)))
 
-    for step in range(max_new):
+    for step in range(len(live[0]), max_new):
         src_mask, cross = repeat_source(*encoded, len(live))
         prefixes = torch.tensor([[cfg.bos_id] + t for t in live], dtype=torch.long, device=device)  # (N, T)
         logp = step_log_probs(decode_prefixes(model, prefixes, src_mask, cross), step, opts,

@@ -88,8 +88,9 @@ def request_of(rng: random.Random, index: int, target: Target, texts: list[str],
                n: int) -> pb.TranslateRequest:
     """A well-formed request of n texts with a random routing style (default, by name, by language)."""
     name, src, tgt = rng.choice(target.models)
-    route = rng.choice([{}, {"model": name}, {"source_language": src}, {"source_language": src,
-                                                                          "target_language": tgt}])
+    routes: list[dict[str, Any]] = [{}, {"model": name}, {"source_language": src},
+                                    {"source_language": src, "target_language": tgt}]
+    route = rng.choice(routes)
     return pb.TranslateRequest(request_id=f"stress-{index}", texts=[sentence(rng, texts) for _ in range(n)],
                                options=PRESETS[preset], **route)
 

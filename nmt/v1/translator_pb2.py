@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17nmt/v1/translator.proto\x12\x06nmt.v1\"\xb9\x02\n\x0f\x44\x65\x63odingOptions\x12\x16\n\tbeam_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x13\n\x06n_best\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x19\n\x0cmax_length_a\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x19\n\x0cmax_length_b\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x17\n\nmin_length\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x15\n\rreturn_scores\x18\x07 \x01(\x08\x12\x19\n\x11return_alignments\x18\x08 \x01(\x08\x42\x0c\n\n_beam_sizeB\x11\n\x0f_length_penaltyB\t\n\x07_n_bestB\x0f\n\r_max_length_aB\x0f\n\r_max_length_bB\r\n\x0b_min_length\"\xa0\x01\n\x10TranslateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12(\n\x07options\x18\x03 \x01(\x0b\x32\x17.nmt.v1.DecodingOptions\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\x0fsource_language\x18\x05 \x01(\t\x12\x17\n\x0ftarget_language\x18\x06 \x01(\t\"\x7f\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x12\n\x05score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\x08log_prob\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\talignment\x18\x05 \x03(\x05\x42\x08\n\x06_scoreB\x0b\n\t_log_prob\"Z\n\x0bTranslation\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\nhypotheses\x18\x02 \x03(\x0b\x32\x12.nmt.v1.Hypothesis\x12\x15\n\rsource_tokens\x18\x03 \x01(\x05\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x7f\n\x11TranslateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x0ctranslations\x18\x02 \x03(\x0b\x32\x13.nmt.v1.Translation\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1c\n\x05\x65rror\x18\x04 \x01(\x0b\x32\r.nmt.v1.Error\"\x15\n\x13GetModelInfoRequest\"\x96\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fsource_language\x18\x02 \x01(\t\x12\x17\n\x0ftarget_language\x18\x03 \x01(\t\x12\x0f\n\x07\x64_model\x18\x04 \x01(\x05\x12\x0f\n\x07n_heads\x18\x05 \x01(\x05\x12\x18\n\x10n_encoder_layers\x18\x06 \x01(\x05\x12\x18\n\x10n_decoder_layers\x18\x07 \x01(\x05\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x19\n\x11max_source_tokens\x18\t \x01(\x05\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x10\n\x08provider\x18\x0b \x01(\t\x12\x12\n\nis_default\x18\x0c \x01(\x08\x12\x0f\n\x07version\x18\r \x01(\t\"O\n\x0cLanguagePair\x12\x17\n\x0fsource_language\x18\x01 \x01(\t\x12\x17\n\x0ftarget_language\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"I\n\x06Limits\x12\x11\n\tmax_texts\x18\x01 \x01(\x05\x12\x11\n\tmax_chars\x18\x02 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x05\"\x87\x01\n\x14GetModelInfoResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.nmt.v1.ModelInfo\x12,\n\x0elanguage_pairs\x18\x02 \x03(\x0b\x32\x14.nmt.v1.LanguagePair\x12\x1e\n\x06limits\x18\x03 \x01(\x0b\x32\x0e.nmt.v1.Limits\"0\n\x12ReloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"`\n\x13ReloadModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08reloaded\x18\x04 \x01(\x08\x32\xad\x02\n\nTranslator\x12@\n\tTranslate\x12\x18.nmt.v1.TranslateRequest\x1a\x19.nmt.v1.TranslateResponse\x12J\n\x0fTranslateStream\x12\x18.nmt.v1.TranslateRequest\x1a\x19.nmt.v1.TranslateResponse(\x01\x30\x01\x12I\n\x0cGetModelInfo\x12\x1b.nmt.v1.GetModelInfoRequest\x1a\x1c.nmt.v1.GetModelInfoResponse\x12\x46\n\x0bReloadModel\x12\x1a.nmt.v1.ReloadModelRequest\x1a\x1b.nmt.v1.ReloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17nmt/v1/translator.proto\x12\x06nmt.v1\"\xb9\x02\n\x0f\x44\x65\x63odingOptions\x12\x16\n\tbeam_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x13\n\x06n_best\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x19\n\x0cmax_length_a\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x19\n\x0cmax_length_b\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x17\n\nmin_length\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x15\n\rreturn_scores\x18\x07 \x01(\x08\x12\x19\n\x11return_alignments\x18\x08 \x01(\x08\x42\x0c\n\n_beam_sizeB\x11\n\x0f_length_penaltyB\t\n\x07_n_bestB\x0f\n\r_max_length_aB\x0f\n\r_max_length_bB\r\n\x0b_min_length\"\xdf\x01\n\x10TranslateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12(\n\x07options\x18\x03 \x01(\x0b\x32\x17.nmt.v1.DecodingOptions\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\x0fsource_language\x18\x05 \x01(\t\x12\x17\n\x0ftarget_language\x18\x06 \x01(\t\x12)\n\x0ctext_options\x18\x07 \x03(\x0b\x32\x13.nmt.v1.TextOptions\x12\x12\n\nkeep_terms\x18\x08 \x03(\t\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\"i\n\x0bTextOptions\x12\x15\n\rtarget_prefix\x18\x01 \x01(\t\x12\x1c\n\x14target_prefix_tokens\x18\x02 \x03(\x05\x12%\n\x0fprotected_spans\x18\x03 \x03(\x0b\x32\x0c.nmt.v1.Span\"\x8d\x02\n\x1bTranslateIncrementalRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12(\n\x07options\x18\x03 \x01(\x0b\x32\x17.nmt.v1.DecodingOptions\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\x0fsource_language\x18\x05 \x01(\t\x12\x17\n\x0ftarget_language\x18\x06 \x01(\t\x12)\n\x0ctext_options\x18\x07 \x01(\x0b\x32\x13.nmt.v1.TextOptions\x12\x12\n\nkeep_terms\x18\x08 \x03(\t\x12\x15\n\x08interval\x18\t \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_interval\"\xa8\x01\n\x1cTranslateIncrementalResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05piece\x18\x02 \x01(\t\x12\x0f\n\x07partial\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x05\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\x12(\n\x0btranslation\x18\x06 \x01(\x0b\x32\x13.nmt.v1.Translation\x12\r\n\x05model\x18\x07 \x01(\t\"\x7f\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x12\n\x05score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\x08log_prob\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\talignment\x18\x05 \x03(\x05\x42\x08\n\x06_scoreB\x0b\n\t_log_prob\"Z\n\x0bTranslation\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\nhypotheses\x18\x02 \x03(\x0b\x32\x12.nmt.v1.Hypothesis\x12\x15\n\rsource_tokens\x18\x03 \x01(\x05\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x7f\n\x11TranslateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x0ctranslations\x18\x02 \x03(\x0b\x32\x13.nmt.v1.Translation\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1c\n\x05\x65rror\x18\x04 \x01(\x0b\x32\r.nmt.v1.Error\"\x15\n\x13GetModelInfoRequest\"\x96\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fsource_language\x18\x02 \x01(\t\x12\x17\n\x0ftarget_language\x18\x03 \x01(\t\x12\x0f\n\x07\x64_model\x18\x04 \x01(\x05\x12\x0f\n\x07n_heads\x18\x05 \x01(\x05\x12\x18\n\x10n_encoder_layers\x18\x06 \x01(\x05\x12\x18\n\x10n_decoder_layers\x18\x07 \x01(\x05\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x19\n\x11max_source_tokens\x18\t \x01(\x05\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x10\n\x08provider\x18\x0b \x01(\t\x12\x12\n\nis_default\x18\x0c \x01(\x08\x12\x0f\n\x07version\x18\r \x01(\t\"O\n\x0cLanguagePair\x12\x17\n\x0fsource_language\x18\x01 \x01(\t\x12\x17\n\x0ftarget_language\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"I\n\x06Limits\x12\x11\n\tmax_texts\x18\x01 \x01(\x05\x12\x11\n\tmax_chars\x18\x02 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x05\"\x87\x01\n\x14GetModelInfoResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.nmt.v1.ModelInfo\x12,\n\x0elanguage_pairs\x18\x02 \x03(\x0b\x32\x14.nmt.v1.LanguagePair\x12\x1e\n\x06limits\x18\x03 \x01(\x0b\x32\x0e.nmt.v1.Limits\"0\n\x12ReloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"`\n\x13ReloadModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08reloaded\x18\x04 \x01(\x08\x32\x92\x03\n\nTranslator\x12@\n\tTranslate\x12\x18.nmt.v1.TranslateRequest\x1a\x19.nmt.v1.TranslateResponse\x12J\n\x0fTranslateStream\x12\x18.nmt.v1.TranslateRequest\x1a\x19.nmt.v1.TranslateResponse(\x01\x30\x01\x12\x63\n\x14TranslateIncremental\x12#.nmt.v1.TranslateIncrementalRequest\x1a$.nmt.v1.TranslateIncrementalResponse0\x01\x12I\n\x0cGetModelInfo\x12\x1b.nmt.v1.GetModelInfoRequest\x1a\x1c.nmt.v1.GetModelInfoResponse\x12\x46\n\x0bReloadModel\x12\x1a.nmt.v1.ReloadModelRequest\x1a\x1b.nmt.v1.ReloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,29 +34,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODINGOPTIONS']._serialized_start=36
   _globals['_DECODINGOPTIONS']._serialized_end=349
   _globals['_TRANSLATEREQUEST']._serialized_start=352
-  _globals['_TRANSLATEREQUEST']._serialized_end=512
-  _globals['_HYPOTHESIS']._serialized_start=514
-  _globals['_HYPOTHESIS']._serialized_end=641
-  _globals['_TRANSLATION']._serialized_start=643
-  _globals['_TRANSLATION']._serialized_end=733
-  _globals['_ERROR']._serialized_start=735
-  _globals['_ERROR']._serialized_end=773
-  _globals['_TRANSLATERESPONSE']._serialized_start=775
-  _globals['_TRANSLATERESPONSE']._serialized_end=902
-  _globals['_GETMODELINFOREQUEST']._serialized_start=904
-  _globals['_GETMODELINFOREQUEST']._serialized_end=925
-  _globals['_MODELINFO']._serialized_start=928
-  _globals['_MODELINFO']._serialized_end=1206
-  _globals['_LANGUAGEPAIR']._serialized_start=1208
-  _globals['_LANGUAGEPAIR']._serialized_end=1287
-  _globals['_LIMITS']._serialized_start=1289
-  _globals['_LIMITS']._serialized_end=1362
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1365
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1500
-  _globals['_RELOADMODELREQUEST']._serialized_start=1502
-  _globals['_RELOADMODELREQUEST']._serialized_end=1550
-  _globals['_RELOADMODELRESPONSE']._serialized_start=1552
-  _globals['_RELOADMODELRESPONSE']._serialized_end=1648
-  _globals['_TRANSLATOR']._serialized_start=1651
-  _globals['_TRANSLATOR']._serialized_end=1952
+  _globals['_TRANSLATEREQUEST']._serialized_end=575
+  _globals['_SPAN']._serialized_start=577
+  _globals['_SPAN']._serialized_end=611
+  _globals['_TEXTOPTIONS']._serialized_start=613
+  _globals['_TEXTOPTIONS']._serialized_end=718
+  _globals['_TRANSLATEINCREMENTALREQUEST']._serialized_start=721
+  _globals['_TRANSLATEINCREMENTALREQUEST']._serialized_end=990
+  _globals['_TRANSLATEINCREMENTALRESPONSE']._serialized_start=993
+  _globals['_TRANSLATEINCREMENTALRESPONSE']._serialized_end=1161
+  _globals['_HYPOTHESIS']._serialized_start=1163
+  _globals['_HYPOTHESIS']._serialized_end=1290
+  _globals['_TRANSLATION']._serialized_start=1292
+  _globals['_TRANSLATION']._serialized_end=1382
+  _globals['_ERROR']._serialized_start=1384
+  _globals['_ERROR']._serialized_end=1422
+  _globals['_TRANSLATERESPONSE']._serialized_start=1424
+  _globals['_TRANSLATERESPONSE']._serialized_end=1551
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1553
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1574
+  _globals['_MODELINFO']._serialized_start=1577
+  _globals['_MODELINFO']._serialized_end=1855
+  _globals['_LANGUAGEPAIR']._serialized_start=1857
+  _globals['_LANGUAGEPAIR']._serialized_end=1936
+  _globals['_LIMITS']._serialized_start=1938
+  _globals['_LIMITS']._serialized_end=2011
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2014
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2149
+  _globals['_RELOADMODELREQUEST']._serialized_start=2151
+  _globals['_RELOADMODELREQUEST']._serialized_end=2199
+  _globals['_RELOADMODELRESPONSE']._serialized_start=2201
+  _globals['_RELOADMODELRESPONSE']._serialized_end=2297
+  _globals['_TRANSLATOR']._serialized_start=2300
+  _globals['_TRANSLATOR']._serialized_end=2702
 # @@protoc_insertion_point(module_scope)

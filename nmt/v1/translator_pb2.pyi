@@ -27,20 +27,82 @@ class DecodingOptions(_message.Message):
     def __init__(self, beam_size: _Optional[int] = ..., length_penalty: _Optional[float] = ..., n_best: _Optional[int] = ..., max_length_a: _Optional[float] = ..., max_length_b: _Optional[int] = ..., min_length: _Optional[int] = ..., return_scores: _Optional[bool] = ..., return_alignments: _Optional[bool] = ...) -> None: ...
 
 class TranslateRequest(_message.Message):
-    __slots__ = ("request_id", "texts", "options", "model", "source_language", "target_language")
+    __slots__ = ("request_id", "texts", "options", "model", "source_language", "target_language", "text_options", "keep_terms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     TARGET_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_TERMS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     options: DecodingOptions
     model: str
     source_language: str
     target_language: str
-    def __init__(self, request_id: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., model: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ...) -> None: ...
+    text_options: _containers.RepeatedCompositeFieldContainer[TextOptions]
+    keep_terms: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., model: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ..., text_options: _Optional[_Iterable[_Union[TextOptions, _Mapping]]] = ..., keep_terms: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Span(_message.Message):
+    __slots__ = ("start", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class TextOptions(_message.Message):
+    __slots__ = ("target_prefix", "target_prefix_tokens", "protected_spans")
+    TARGET_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROTECTED_SPANS_FIELD_NUMBER: _ClassVar[int]
+    target_prefix: str
+    target_prefix_tokens: _containers.RepeatedScalarFieldContainer[int]
+    protected_spans: _containers.RepeatedCompositeFieldContainer[Span]
+    def __init__(self, target_prefix: _Optional[str] = ..., target_prefix_tokens: _Optional[_Iterable[int]] = ..., protected_spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...
+
+class TranslateIncrementalRequest(_message.Message):
+    __slots__ = ("request_id", "text", "options", "model", "source_language", "target_language", "text_options", "keep_terms", "interval")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_TERMS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    text: str
+    options: DecodingOptions
+    model: str
+    source_language: str
+    target_language: str
+    text_options: TextOptions
+    keep_terms: _containers.RepeatedScalarFieldContainer[str]
+    interval: int
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., model: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ..., text_options: _Optional[_Union[TextOptions, _Mapping]] = ..., keep_terms: _Optional[_Iterable[str]] = ..., interval: _Optional[int] = ...) -> None: ...
+
+class TranslateIncrementalResponse(_message.Message):
+    __slots__ = ("request_id", "piece", "partial", "step", "final", "translation", "model")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PIECE_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    TRANSLATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    piece: str
+    partial: str
+    step: int
+    final: bool
+    translation: Translation
+    model: str
+    def __init__(self, request_id: _Optional[str] = ..., piece: _Optional[str] = ..., partial: _Optional[str] = ..., step: _Optional[int] = ..., final: _Optional[bool] = ..., translation: _Optional[_Union[Translation, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Hypothesis(_message.Message):
     __slots__ = ("text", "tokens", "score", "log_prob", "alignment")

@@ -45,6 +45,11 @@ class TranslatorStub:
                 request_serializer=nmt_dot_v1_dot_translator__pb2.TranslateRequest.SerializeToString,
                 response_deserializer=nmt_dot_v1_dot_translator__pb2.TranslateResponse.FromString,
                 _registered_method=True)
+        self.TranslateIncremental = channel.unary_stream(
+                '/nmt.v1.Translator/TranslateIncremental',
+                request_serializer=nmt_dot_v1_dot_translator__pb2.TranslateIncrementalRequest.SerializeToString,
+                response_deserializer=nmt_dot_v1_dot_translator__pb2.TranslateIncrementalResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/nmt.v1.Translator/GetModelInfo',
                 request_serializer=nmt_dot_v1_dot_translator__pb2.GetModelInfoRequest.SerializeToString,
@@ -80,6 +85,15 @@ class TranslatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TranslateIncremental(self, request, context):
+        """The growing translation of one text as it is decoded, then the finished translation (final = true).
+        The `piece` fields of all responses concatenate to exactly the finished translation's text.
+        Cancelling the call stops the decoding within one step. Errors: as Translate (before any response).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """The models served, their language pairs, dimensions, dtype, execution provider and the request limits.
         """
@@ -110,6 +124,11 @@ def add_TranslatorServicer_to_server(servicer, server):
                     servicer.TranslateStream,
                     request_deserializer=nmt_dot_v1_dot_translator__pb2.TranslateRequest.FromString,
                     response_serializer=nmt_dot_v1_dot_translator__pb2.TranslateResponse.SerializeToString,
+            ),
+            'TranslateIncremental': grpc.unary_stream_rpc_method_handler(
+                    servicer.TranslateIncremental,
+                    request_deserializer=nmt_dot_v1_dot_translator__pb2.TranslateIncrementalRequest.FromString,
+                    response_serializer=nmt_dot_v1_dot_translator__pb2.TranslateIncrementalResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -177,6 +196,33 @@ class Translator:
             '/nmt.v1.Translator/TranslateStream',
             nmt_dot_v1_dot_translator__pb2.TranslateRequest.SerializeToString,
             nmt_dot_v1_dot_translator__pb2.TranslateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TranslateIncremental(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/nmt.v1.Translator/TranslateIncremental',
+            nmt_dot_v1_dot_translator__pb2.TranslateIncrementalRequest.SerializeToString,
+            nmt_dot_v1_dot_translator__pb2.TranslateIncrementalResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,6 +16,10 @@ own (serve.engine.search applies the same rules). A beam text's k rows stay toge
 want alignments run in a second lane (the decoder graph with the cross_attention output), stepped
 in turn with the first: every other text decodes on the plain graph, as it would alone.
 
+A text with a forced target prefix takes its first steps from the prefix (unscored; a beam is one
+hypothesis until the prefix ends), whatever the other rows are doing. A request's step listener (a
+streamed text, serve.engine.streaming) is told its candidates after each of its steps.
+
 The budget counts padded cache tokens of the batch as it would be at its longest: rows x (longest
 source + longest generation budget), the `serve.engine.packing` unit. The queue is bounded in texts
 (QueueFull beyond it), like the static scheduler (serve.engine.scheduler), whose interface it shares.
@@ -36,8 +40,8 @@ import numpy as np
 from nmt.decoding import DecodeOptions, Hypothesis, StopSignal
 from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS
 from serve.engine.runtime import DecoderCache
-from serve.engine.scheduler import BatchMetrics, Job, wait_for_room
-from serve.engine.search import Beam, advance, finish_live, hypothesis
+from serve.engine.scheduler import BatchMetrics, Job, StepListener, wait_for_room
+from serve.engine.search import Beam, advance, finish_live, force, hypothesis
 
 if TYPE_CHECKING:
     from serve.engine.translator import Translator
@@ -57,6 +61,7 @@ class Text:
     budget: int
     enqueued: float
     beam: Beam | None = None  # beam search state; None for greedy
+    prefix: list[int] = field(default_factory=list)  # forced target ids: the first len(prefix) steps
     rows: list[int] = field(default_factory=list)  # its rows in the cache, in order
     tokens: list[int] = field(default_factory=list)  # greedy: generated ids so far (EOS excluded)
     alignment: list[int] = field(default_factory=list)
@@ -68,6 +73,17 @@ class Text:
     @property
     def options(self) -> DecodeOptions:
         return self.job.options
+
+    @property
+    def forcing(self) -> bool:
+        """The next step is one of the forced prefix (its token is known, not searched)."""
+        return self.steps < len(self.prefix)
+
+    def candidates(self) -> list[list[int]]:
+        """The current best hypothesis first, then every other that may still win (see StepListener)."""
+        if self.beam is None:
+            return [self.tokens]
+        return self.beam.live + [h.tokens for h in self.beam.finished]
 
     def top_k(self, vocab: int) -> int:
         """How many of a step's best tokens this text reads (as its own batch would ask for)."""
@@ -140,13 +156,15 @@ class ContinuousScheduler:
         return sum(lane.rows for lane in self.lanes)
 
     def submit(self, sources: list[list[int]], options: DecodeOptions, stop: StopSignal,
-               block: bool = False) -> Future:
+               block: bool = False, prefixes: list[list[int]] | None = None,
+               listener: StepListener | None = None) -> Future:
         """Queue a request's sources; the future resolves to one hypothesis list per source.
 
         Raises QueueFull when the queue cannot take them, or with block=True waits for room (until
-        `stop` is set: then the returned future fails like a stopped request)."""
-        self.translator.check(sources, options)  # bad input fails here, as the engine would
-        job = Job(sources, options, stop, time.monotonic())
+        `stop` is set: then the returned future fails like a stopped request). `prefixes`: forced
+        target ids per source; `listener` is told each text's candidates after each of its steps."""
+        self.translator.check(sources, options, prefixes)  # bad input fails here, as the engine would
+        job = Job(sources, options, stop, time.monotonic(), prefixes=prefixes, listener=listener)
         with self._cond:
             if not wait_for_room(self._cond, lambda: len(self._queue), len(sources), self.max_queue,
                                  self.name, stop, block, lambda: self._closing):
@@ -159,7 +177,7 @@ class ContinuousScheduler:
             for i, src in enumerate(sources):
                 budget = self.translator.budget(len(src), options)
                 beam = None if options.beam_size == 1 else Beam(budget=budget)
-                self._queue.append(Text(job, i, src, budget, now, beam))
+                self._queue.append(Text(job, i, src, budget, now, beam, prefix=job.prefix(i)))
             self._cond.notify_all()
         self._report_queue()
         return job.future
@@ -305,22 +323,42 @@ class ContinuousScheduler:
             if text.beam is None:
                 self._greedy(text, values[start, :k], ids[start, :k], eos,
                              None if aligns is None else int(aligns[0]))
+            elif text.forcing:
+                force(text.beam, text.prefix[text.steps], start, text.steps, text.options,
+                      int(aligns[0]) if aligns is not None and text.options.return_alignments else None)
+                text.done = text.beam.done
             else:
                 advance(text.beam, values[start:start + count, :k], ids[start:start + count, :k], start,
                         text.steps, text.options, eos, aligns if text.options.return_alignments else None)
                 text.done = text.beam.done
             text.steps += 1
+            if text.job.listener is not None and not text.done:
+                self._tell(text)
             if text.done:
                 generated += self._finish(text)
         if self.metrics is not None:
             self.metrics.step_done(self.name, rows=cache.rows, seconds=now - started, generated=generated)
 
+    def _tell(self, text: Text) -> None:
+        """Hand a text's candidates to its listener; a failing listener fails only its own request."""
+        assert text.job.listener is not None
+        try:
+            text.job.listener(text.index, text.steps, text.candidates())
+        except Exception as exc:
+            log.warning("model %s: step listener failed: %r", self.name, exc)
+            text.done = True
+            text.job.fail(exc)
+
     @staticmethod
     def _greedy(text: Text, values: np.ndarray, ids: np.ndarray, eos: int, align: int | None) -> None:
-        """One greedy step of one text from its row's top-k (serve.engine.search.greedy_search's rule)."""
+        """One greedy step of one text from its row's top-k (serve.engine.search.greedy_search's rule);
+        inside a forced prefix the step takes the prefix's token, unscored."""
         choice = 1 if ids[0] == eos and text.steps < text.options.min_length else 0
         token = int(ids[choice])
-        text.log_prob = np.float32(text.log_prob + values[choice])
+        if text.forcing:
+            token = text.prefix[text.steps]
+        else:
+            text.log_prob = np.float32(text.log_prob + values[choice])
         if token == eos:
             text.done = text.ended = True
             return

@@ -45,7 +45,15 @@ class StepTranslator(Protocol):
 
     def translate_ids(self, sources: list[list[int]], options: DecodeOptions = ...,
                       stops: list[StopSignal | None] | None = None,
-                      max_batch_tokens: int | None = None) -> list[list[Hypothesis] | None]: ...
+                      max_batch_tokens: int | None = None, prefixes: list[list[int]] | None = None
+                      ) -> list[list[Hypothesis] | None]: ...
+
+
+class StepListener(Protocol):
+    """Told the candidates of a text after each of its decoder steps: `candidates[0]` is the current
+    best (greedy: the one hypothesis; beam: the live beams best first, then the finished ones)."""
+
+    def __call__(self, index: int, step: int, candidates: list[list[int]]) -> None: ...
 
 
 class BatchMetrics(Protocol):
@@ -75,14 +83,23 @@ class Job:
     future: Future = field(default_factory=Future)
     results: list[list[Hypothesis] | None] = field(default_factory=list)
     remaining: int = 0
+    # Forced target prefix of each source (target ids; empty = none), or None for no prefixes at all.
+    prefixes: list[list[int]] | None = None
+    # Called by the continuous loop after each decoder step of a text (serve.engine.streaming).
+    listener: StepListener | None = None
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.sources)
+        if self.prefixes is not None and len(self.prefixes) != len(self.sources):
+            raise ValueError(f"{len(self.prefixes)} target prefixes for {len(self.sources)} sources")
         self.remaining = len(self.sources)
 
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(exc)
+
+    def prefix(self, index: int) -> list[int]:
+        return self.prefixes[index] if self.prefixes is not None else []
 
     def finish_row(self, index: int, hyps: list[Hypothesis]) -> None:
         self.results[index] = hyps
@@ -142,14 +159,17 @@ class BatchScheduler:
             return len(self._rows)
 
     def submit(self, sources: list[list[int]], options: DecodeOptions, stop: StopSignal,
-               block: bool = False) -> Future:
+               block: bool = False, prefixes: list[list[int]] | None = None,
+               listener: StepListener | None = None) -> Future:
         """Queue a request's sources; the future resolves to one hypothesis list per source.
 
         Raises QueueFull when the queue cannot take them, or with block=True waits for room
         (until `stop` is set: then the returned future fails like a stopped request).
         With block=False a lone request on an idle model is decoded right here, before returning.
+        `prefixes`: forced target prefixes per source. `listener` is never called here (a batch is
+        decoded in one engine call): a streaming caller gets the finished translation only.
         """
-        job = Job(sources, options, stop, time.monotonic())
+        job = Job(sources, options, stop, time.monotonic(), prefixes=prefixes, listener=listener)
         with self._cond:
             if not wait_for_room(self._cond, lambda: len(self._rows), len(sources), self.max_queue, self.name,
                                  stop, block, lambda: self._closing):
@@ -255,8 +275,12 @@ class BatchScheduler:
         options = batch[0][0].options
         try:
             # The same budget as the batch was formed under: the engine runs it as one batch.
+            # Prefixes only when some row has one, so translators without prefix support still serve.
+            forced = ({"prefixes": [job.prefix(i) for job, i in batch]}
+                      if any(job.prefixes for job, _ in batch) else {})
             outputs = self.translator.translate_ids([job.sources[i] for job, i in batch], options,
-                                                    [job.stop for job, _ in batch], self.max_batch_tokens)
+                                                    [job.stop for job, _ in batch], self.max_batch_tokens,
+                                                    **forced)
         except Exception as exc:
             self._isolate_failure(batch, exc)
             return

@@ -43,8 +43,12 @@ def reorder(cache: StepCache, index: list[int], group: int = 1) -> None:
 
 
 def greedy_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos: int, eos: int,
-                  stopped: Callable[[int], bool], compaction: bool = True) -> list[Hypothesis | None]:
+                  stopped: Callable[[int], bool], compaction: bool = True,
+                  prefixes: list[list[int]] | None = None) -> list[Hypothesis | None]:
     """Argmax decoding of every row; a row whose `stopped(i)` turns true gets None.
+
+    `prefixes[i]` are forced tokens: row i's first steps take them instead of the argmax, unscored
+    (log_prob sums the searched tokens only), and its hypothesis includes them.
 
     With compaction, rows that finished (or were stopped) leave the running batch before the
     next step; without it they keep being fed (their outputs unused), which must not change
@@ -60,6 +64,11 @@ def greedy_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos
     done = budget <= 0  # (N,)
     rows = np.arange(n)  # (R,) the item held by each cache row
     feed = np.full(n, bos, dtype=np.int64)  # (R,) next input token per cache row
+    prefixes = prefixes or [[] for _ in range(n)]
+    plen = np.asarray([len(p) for p in prefixes], dtype=np.int64)  # (N,)
+    forced_ids = np.zeros((n, int(plen.max(initial=0))), dtype=np.int64)  # (N, P)
+    for i, p in enumerate(prefixes):
+        forced_ids[i, :len(p)] = p
     step = 0
     while True:
         for i in rows[~done[rows]].tolist():
@@ -78,8 +87,12 @@ def greedy_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos
         choice = ((ids[:, 0] == eos) & eos_banned).astype(np.int64)  # (R,) column of the pick
         r = np.arange(len(rows))
         picked = ids[r, choice]  # (R,)
+        gained = values[r, choice]  # (R,)
+        forced = plen[rows] > step  # (R,) rows still inside their prefix
+        if forced.any():
+            picked[forced], gained[forced] = forced_ids[rows[forced], step], 0
         items, token = rows[live], picked[live]  # rows still decoding (without compaction: a subset)
-        log_prob[items] += values[r, choice][live]
+        log_prob[items] += gained[live]
         is_eos = token == eos
         ended[items[is_eos]] = True
         grow = items[~is_eos]
@@ -159,6 +172,18 @@ def advance(beam: Beam, values: np.ndarray, ids: np.ndarray, first_row: int, ste
         finish_live(beam, opts)
 
 
+def force(beam: Beam, token: int, first_row: int, step: int, opts: DecodeOptions,
+          align: int | None = None) -> None:
+    """One forced step of a beam still inside its target prefix: its single hypothesis takes `token`,
+    unscored (beam search proper starts after the prefix, from one hypothesis, as at BOS)."""
+    beam.live = [beam.live[0] + [token]]
+    if align is not None:
+        beam.live_align = [beam.live_align[0] + [align]]
+    beam.parents = [first_row]
+    if step + 1 >= beam.budget:
+        finish_live(beam, opts)
+
+
 def finish_live(beam: Beam, opts: DecodeOptions) -> None:
     """Length budget spent: the live beams are finished as they are, without EOS."""
     for i, (tokens, lp) in enumerate(zip(beam.live, beam.live_lp)):
@@ -171,8 +196,10 @@ def alignment_of(beam: Beam, i: int, opts: DecodeOptions) -> list[int] | None:
 
 
 def beam_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos: int, eos: int, vocab: int,
-                stopped: Callable[[int], bool], compaction: bool = True) -> list[list[Hypothesis] | None]:
+                stopped: Callable[[int], bool], compaction: bool = True,
+                prefixes: list[list[int]] | None = None) -> list[list[Hypothesis] | None]:
     """Beam search of every source of the batch at once; each source's beams are contiguous rows.
+    A source with a forced prefix (`prefixes[i]`) is stepped through it first (see `force`).
 
     Every step ends with one reorder of the cache that both moves beams to their parents' rows
     and (with compaction) drops the rows of finished or stopped sources.
@@ -214,6 +241,10 @@ def beam_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos: 
             start, count = spans[i]
             aligns = (cache.alignment[start:start + count]  # (count,)
                       if opts.return_alignments and cache.alignment is not None else None)
+            if prefixes and step < len(prefixes[i]):
+                align = None if aligns is None else int(aligns[0])
+                force(beams[i], prefixes[i][step], start, step, opts, align)
+                continue
             advance(beams[i], values[start:start + count], ids[start:start + count], start, step, opts, eos,
                     aligns)
         step += 1

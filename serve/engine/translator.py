@@ -25,6 +25,7 @@ from nmt.decoding import (
     InvalidRequest,
     StopSignal,
     TranslationResult,
+    check_prefixes,
     check_sources,
     max_new_tokens,
 )
@@ -134,13 +135,20 @@ class Translator:
         # costs more than encoding a request's few sentences.
         return [self.tokenizer.encode(text) + [self.manifest.eos_id] for text in texts]
 
-    def check(self, sources: list[list[int]], options: DecodeOptions) -> None:
-        """InvalidRequest unless the options are valid and this model can decode these sources with them."""
+    def check(self, sources: list[list[int]], options: DecodeOptions,
+              prefixes: list[list[int]] | None = None) -> None:
+        """InvalidRequest unless the options are valid and this model can decode these sources (with
+        these forced target prefixes) with them."""
         options.validate()
         if options.return_alignments and not self.runtime.has_alignments:
             raise InvalidRequest(f"model {self.name!r} was exported without the cross_attention output: "
                                  f"re-export it to get alignments")
         check_sources(sources, self.max_source_tokens, self.manifest.vocab_size, model=self.name)
+        if prefixes is not None:
+            if len(prefixes) != len(sources):
+                raise InvalidRequest(f"{len(prefixes)} target prefixes for {len(sources)} sources")
+            budgets = [self.budget(len(s), options) for s in sources]
+            check_prefixes(prefixes, budgets, self.manifest.vocab_size)
 
     def translate(self, texts: list[str], options: DecodeOptions = GREEDY,
                   stop: StopSignal | None = None) -> list[TranslationResult]:
@@ -162,18 +170,21 @@ class Translator:
 
     def translate_ids(self, sources: list[list[int]], options: DecodeOptions = GREEDY,
                       stops: list[StopSignal | None] | None = None,
-                      max_batch_tokens: int | None = None) -> list[list[Hypothesis] | None]:
+                      max_batch_tokens: int | None = None, prefixes: list[list[int]] | None = None
+                      ) -> list[list[Hypothesis] | None]:
         """Token-level entry: n_best hypotheses per source (with text), or None for a source whose
-        stop signal was set (it leaves the running batch at the next step, the others go on)."""
-        self.check(sources, options)
+        stop signal was set (it leaves the running batch at the next step, the others go on).
+        `prefixes[i]`: target ids source i's output starts with (forced, included in the result)."""
+        self.check(sources, options, prefixes)
         stops = list(stops) if stops is not None else [None] * len(sources)
         if len(stops) != len(sources):
             raise InvalidRequest(f"{len(stops)} stop signals for {len(sources)} sources")
         budget = max_batch_tokens or self.max_batch_tokens
         results: list[list[Hypothesis] | None] = [None] * len(sources)
         for batch in pack_by_tokens([len(s) for s in sources], budget, options.beam_size):
+            forced = None if prefixes is None else [prefixes[i] for i in batch]
             for i, hyps in zip(batch, self.decode_batch([sources[i] for i in batch], options,
-                                                        [stops[i] for i in batch])):
+                                                        [stops[i] for i in batch], forced)):
                 results[i] = hyps
         return results
 
@@ -192,7 +203,8 @@ class Translator:
         return max_new_tokens(source_tokens, options, self.manifest.max_positions)
 
     def decode_batch(self, sources: list[list[int]], options: DecodeOptions,
-                     stops: list[StopSignal | None]) -> list[list[Hypothesis] | None]:
+                     stops: list[StopSignal | None], prefixes: list[list[int]] | None = None
+                     ) -> list[list[Hypothesis] | None]:
         """Encode one packed batch and search it; sources already stopped cost nothing."""
         def stopped(i: int) -> bool:
             s = stops[i]
@@ -208,12 +220,13 @@ class Translator:
             cache.alignment_layer = self.alignment_layer
         budgets = [self.budget(len(sources[i]), options) for i in live]
         row_stopped = lambda r: stopped(live[r])  # noqa: E731 - search rows -> batch indices
+        forced = None if prefixes is None else [prefixes[i] for i in live]
         if options.beam_size == 1:
             found = [None if h is None else [h] for h in greedy_search(
-                cache, budgets, options, m.bos_id, m.eos_id, row_stopped, self.compaction)]
+                cache, budgets, options, m.bos_id, m.eos_id, row_stopped, self.compaction, forced)]
         else:
             found = beam_search(cache, budgets, options, m.bos_id, m.eos_id, m.vocab_size, row_stopped,
-                                self.compaction)
+                                self.compaction, forced)
         for r, hyps in enumerate(found):
             if hyps is not None:
                 for h in hyps:

@@ -9,6 +9,8 @@ against a server or an in-process Translator. Failures raise serve.protocol.erro
 grpc.RpcError whose code() keeps the status (e.retryable for UNAVAILABLE / RESOURCE_EXHAUSTED).
 
     nmt translate "A man is riding a bike." --server localhost:50051 [--beam-size 4] [--n-best 2 --scores]
+    nmt translate "A man is riding a bike." --stream               # pieces printed as they are decoded
+    nmt translate "Tom rides to Berlin." --keep Tom --keep Berlin --target-prefix "Ein Mann"
     cat input.en | nmt translate --server localhost:50051 > output.de
     nmt translate --split-sentences "A man rides.  A dog runs." --server localhost:50051  # one line out
 """
@@ -20,7 +22,7 @@ import json
 import os
 import sys
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,18 +83,24 @@ class TranslatorClient:
         self.stub = translator_pb2_grpc.TranslatorStub(self.channel)
 
     def _request(self, texts: list[str], options: DecodeOptions | None, model: str, source_language: str,
-                 target_language: str, request_id: str) -> pb.TranslateRequest:
+                 target_language: str, request_id: str, text_options: Sequence[pb.TextOptions] = (),
+                 keep_terms: Sequence[str] = ()) -> pb.TranslateRequest:
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
         return pb.TranslateRequest(request_id=request_id, texts=texts, model=model,
                                    source_language=source_language, target_language=target_language,
-                                   options=options_to_proto(options or DecodeOptions()))
+                                   options=options_to_proto(options or DecodeOptions()),
+                                   text_options=text_options, keep_terms=keep_terms)
 
     def translate(self, texts: list[str], options: DecodeOptions | None = None,
                   timeout: float | None = None, *, model: str = "", source_language: str = "",
-                  target_language: str = "", request_id: str = "") -> list[TranslationResult]:
-        """One result per text, in order. Raises TranslatorError."""
-        request = self._request(texts, options, model, source_language, target_language, request_id)
+                  target_language: str = "", request_id: str = "",
+                  text_options: Sequence[pb.TextOptions] = (), keep_terms: Sequence[str] = ()
+                  ) -> list[TranslationResult]:
+        """One result per text, in order; text_options: none or one per text (target prefix, protected
+        spans), keep_terms: terms kept verbatim in every text. Raises TranslatorError."""
+        request = self._request(texts, options, model, source_language, target_language, request_id,
+                                text_options, keep_terms)
         try:
             response = self.stub.Translate(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as e:
@@ -101,10 +109,13 @@ class TranslatorClient:
 
     def translate_stream(self, batches: Iterable[tuple[str, list[str]]], options: DecodeOptions | None = None,
                          timeout: float | None = None, *, model: str = "", source_language: str = "",
-                         target_language: str = "") -> Iterator[StreamResult]:
+                         target_language: str = "", each_text: pb.TextOptions | None = None,
+                         keep_terms: Sequence[str] = ()) -> Iterator[StreamResult]:
         """(request_id, texts) pairs over one stream; answers come in the same order. A request that fails
-        alone yields a StreamResult with `error`; a failure of the stream raises TranslatorError."""
-        requests = (self._request(texts, options, model, source_language, target_language, rid)
+        alone yields a StreamResult with `error`; a failure of the stream raises TranslatorError.
+        `each_text`: TextOptions applied to every text."""
+        requests = (self._request(texts, options, model, source_language, target_language, rid,
+                                  [each_text] * len(texts) if each_text is not None else (), keep_terms)
                     for rid, texts in batches)
         try:
             for response in self.stub.TranslateStream(requests, timeout=timeout, metadata=self.metadata):
@@ -118,6 +129,26 @@ class TranslatorClient:
                     yield StreamResult(response.request_id, results)
         except grpc.RpcError as e:
             raise TranslatorError.from_rpc_error(e) from None
+
+    def translate_incremental(self, text: str, options: DecodeOptions | None = None,
+                              timeout: float | None = None, *, model: str = "", source_language: str = "",
+                              target_language: str = "", request_id: str = "",
+                              text_options: pb.TextOptions | None = None, keep_terms: Sequence[str] = (),
+                              interval: int | None = None) -> Iterator[pb.TranslateIncrementalResponse]:
+        """One text's translation as it is decoded: the responses' pieces concatenate to the final text
+        (the last response, `final`, carries the whole translation). Closing the iterator early cancels
+        the call, which stops the decoding. Raises TranslatorError."""
+        request = pb.TranslateIncrementalRequest(
+            request_id=request_id, text=text, options=options_to_proto(options or DecodeOptions()),
+            model=model, source_language=source_language, target_language=target_language,
+            text_options=text_options, keep_terms=keep_terms, interval=interval)
+        call = self.stub.TranslateIncremental(request, timeout=timeout, metadata=self.metadata)
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise TranslatorError.from_rpc_error(e) from None
+        finally:
+            call.cancel()  # no-op once the call is over; stops the server's decoding otherwise
 
     def model_info(self, timeout: float | None = None) -> pb.GetModelInfoResponse:
         """Models, language pairs and limits of the server."""
@@ -193,6 +224,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--split-sentences", action="store_true",
                    help="cut each text into sentences (in --source-language, else the model's source "
                         "language), translate them as rows and rejoin them with the original whitespace")
+    p.add_argument("--stream", action="store_true",
+                   help="print each translation as it is decoded (one text per call)")
+    p.add_argument("--interval", type=int, default=None,
+                   help="with --stream and beam search: decoder steps between updates (server default 1)")
+    p.add_argument("--target-prefix", default="",
+                   help="every translation starts with this target text (decoding continues after it)")
+    p.add_argument("--keep", action="append", default=[], metavar="TERM",
+                   help="a term kept verbatim in the translation (do not translate); repeatable")
     return p.parse_args(argv)
 
 
@@ -212,16 +251,27 @@ def main(argv: list[str]) -> int:
                             max_length_a=args.max_length_a, max_length_b=args.max_length_b,
                             min_length=args.min_length, return_scores=args.scores)
     errs = options.errors() + ([] if args.chunk > 0 else ["--chunk must be positive"])
+    errs += [] if args.interval is None or args.interval >= 1 else ["--interval must be >= 1"]
     if errs:
         raise UserError("; ".join(errs))
     route = dict(model=args.model, source_language=args.source_language, target_language=args.target_language)
+    each = pb.TextOptions(target_prefix=args.target_prefix) if args.target_prefix else None
     try:
         with TranslatorClient(args.server, auth_token=args.auth_token, tls_ca=args.tls_ca) as client:
             lang = split_language(client, args) if args.split_sentences else None
+            if args.stream:
+                texts = args.texts or (line.rstrip("\n") for line in sys.stdin)
+                for text in texts:
+                    print_incremental(client.translate_incremental(
+                        text, options, args.timeout, text_options=each, keep_terms=args.keep,
+                        interval=args.interval, **route))
+                return 0
             if args.texts:
                 split = SplitTexts(args.texts, lang) if lang is not None else None
                 rows = split.sentences if split is not None else args.texts
-                results = client.translate(rows, options, args.timeout, **route) if rows else []
+                per_text = [each] * len(rows) if each is not None else []
+                results = client.translate(rows, options, args.timeout, text_options=per_text,
+                                           keep_terms=args.keep, **route) if rows else []
                 if split is not None:
                     results = split.join(results, options.length_penalty)
                 print_results(results, 0, args.scores, args.n_best)
@@ -250,7 +300,8 @@ def main(argv: list[str]) -> int:
                 return printed
 
             # A stream keeps the server's batches full while we print; the deadline covers the whole input.
-            for answer in client.translate_stream(requests(), options, **route):
+            for answer in client.translate_stream(requests(), options, each_text=each, keep_terms=args.keep,
+                                                  **route):
                 if answer.error is not None:
                     raise answer.error
                 results = answer.results or []
@@ -274,6 +325,11 @@ def split_language(client: TranslatorClient, args: argparse.Namespace) -> str:
               and (not args.target_language or m.target_language == args.target_language)]
     chosen = next((m for m in models if m.is_default), models[0] if models else None)
     return chosen.source_language if chosen is not None else "en"  # no match: the server will refuse
+def print_incremental(responses: Iterable[pb.TranslateIncrementalResponse]) -> None:
+    """The pieces of one translation as they come, on one line."""
+    for r in responses:
+        sys.stdout.write(r.piece + ("\n" if r.final else ""))
+        sys.stdout.flush()
 
 
 def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:

@@ -90,10 +90,13 @@ class CachedScheduler:
 
     def submit(self, sources: list[list[int]], options: DecodeOptions, stop: StopSignal,
                block: bool = False, **extra: Any) -> Future:
-        if extra:  # a kind of submission the cache does not know how to replay: not cached
-            return self.inner.submit(sources, options, stop, block=block, **extra)
+        prefixes: list[list[int]] | None = extra.pop("prefixes", None)
+        if extra:  # a kind of submission the cache does not know how to replay (a step listener)
+            return self.inner.submit(sources, options, stop, block=block, prefixes=prefixes, **extra)
         opt = options_key(options)
-        keys: list[Key] = [(self.version, tuple(s), opt) for s in sources]
+        # A forced target prefix is part of what is decoded: it joins the options in the key.
+        keys: list[Key] = [(self.version, tuple(s), opt + (repr(prefixes[i]) if prefixes else ""))
+                           for i, s in enumerate(sources)]
         found: list[list[Hypothesis] | None] = [self.cache.get(k) for k in keys]
         missing: dict[Key, list[int]] = {}  # distinct missing source -> the positions it answers
         for i, (k, hyps) in enumerate(zip(keys, found)):
@@ -104,7 +107,9 @@ class CachedScheduler:
         if not missing:
             out.set_result([list(h) for h in found if h is not None])
             return out
-        inner = self.inner.submit([list(k[1]) for k in missing], options, stop, block=block)
+        firsts = [positions[0] for positions in missing.values()]
+        inner = self.inner.submit([sources[i] for i in firsts], options, stop, block=block,
+                                  prefixes=[prefixes[i] for i in firsts] if prefixes else None)
 
         def done(f: Future) -> None:
             exc = f.exception()

@@ -24,6 +24,7 @@ from serve.protocol.convert import SERVICE, Malformed, hypothesis_to_proto, leni
 from serve.server.metrics import Metrics
 from serve.server.registry import ModelRegistry, ServedModel
 from serve.server.status import status_of
+from serve.server.text_options import TextPlan, plan_texts
 
 log = logging.getLogger("nmt.serve")
 
@@ -44,6 +45,7 @@ class Prepared:
     model: ServedModel
     sources: list[list[int]]
     options: DecodeOptions
+    plan: TextPlan  # per-text prefixes and protected spans
 
 
 @dataclass
@@ -99,10 +101,14 @@ class TranslatorServicer:
         check_texts(list(request.texts), self.limits)
         options = options_from_proto(request.options)
         model = self.registry.resolve(request.model, request.source_language, request.target_language)
-        return Prepared(model, tokenize_checked(model, list(request.texts)), options)
+        plan = plan_texts(model.translator, list(request.texts), request.text_options, request.keep_terms)
+        sources = tokenize_checked(model, plan.texts)
+        plan.check(model.translator, sources, options)
+        return Prepared(model, sources, options, plan)
 
     def _response(self, request: pb.TranslateRequest, p: Prepared,
                   hyps: list[list[Hypothesis]]) -> pb.TranslateResponse:
+        hyps = [p.plan.restore(i, h) for i, h in enumerate(hyps)]
         translations = [pb.Translation(text=h[0].text, source_tokens=len(s),
                                        hypotheses=[hypothesis_to_proto(x, p.options) for x in h])
                         for s, h in zip(p.sources, hyps)]
@@ -138,7 +144,8 @@ class TranslatorServicer:
         with self._recorded(Call("Translate", request)) as call:
             p = self._prepare(request)
             call.model = p.model.name
-            hyps = p.model.scheduler.submit(p.sources, p.options, stop_signal(context)).result()
+            hyps = p.model.scheduler.submit(p.sources, p.options, stop_signal(context),
+                                            prefixes=p.plan.prefixes).result()
             assert not isinstance(request, Malformed)  # _prepare refused it
             return self._response(request, p, hyps)
 
@@ -164,7 +171,8 @@ class TranslatorServicer:
                     item = StreamItem(request, time.monotonic())
                     try:
                         item.prepared = p = self._prepare(request)
-                        item.future = p.model.scheduler.submit(p.sources, p.options, stop, block=True)
+                        item.future = p.model.scheduler.submit(p.sources, p.options, stop, block=True,
+                                                               prefixes=p.plan.prefixes)
                     except Exception as exc:
                         item.error = exc
                     if not put(item):
@@ -203,6 +211,13 @@ class TranslatorServicer:
             code, message = status_of(exc)
             rid = "" if isinstance(item.request, Malformed) else item.request.request_id
             return pb.TranslateResponse(request_id=rid, error=pb.Error(code=code.value[0], message=message))
+
+    def TranslateIncremental(self, request: pb.TranslateIncrementalRequest | Malformed,
+                             context: grpc.ServicerContext) -> Iterator[pb.TranslateIncrementalResponse]:
+        """See translator.proto and serve.server.incremental."""
+        from serve.server.incremental import translate_incremental
+
+        yield from translate_incremental(self, request, context)
 
     def GetModelInfo(self, request: pb.GetModelInfoRequest | Malformed,
                      context: grpc.ServicerContext) -> pb.GetModelInfoResponse:
@@ -247,6 +262,9 @@ def generic_handler(servicer: TranslatorServicer) -> grpc.GenericRpcHandler:
             response_serializer=respond),
         "TranslateStream": grpc.stream_stream_rpc_method_handler(
             servicer.TranslateStream, request_deserializer=lenient(pb.TranslateRequest),
+            response_serializer=respond),
+        "TranslateIncremental": grpc.unary_stream_rpc_method_handler(
+            servicer.TranslateIncremental, request_deserializer=lenient(pb.TranslateIncrementalRequest),
             response_serializer=respond),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelInfo, request_deserializer=lenient(pb.GetModelInfoRequest),

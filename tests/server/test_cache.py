@@ -89,6 +89,21 @@ def test_the_normalized_source_is_the_key_and_repeats_in_a_request_decode_once(t
         assert len(cache) == 2
 
 
+def test_a_forced_prefix_is_part_of_the_key(translator):
+    from nmt.v1 import translator_pb2 as pb
+
+    with serving(translator, 100) as (client, metrics, cache):
+        plain = client.translate(TEXTS[:1], timeout=60)[0]
+        prefix = pb.TextOptions(target_prefix="Ein Hund")
+        forced = client.translate(TEXTS[:1], timeout=60, text_options=[prefix])[0]
+        again = client.translate(TEXTS[:1], timeout=60, text_options=[prefix])[0]
+        assert forced.text != plain.text and again.text == forced.text  # not the prefix-less entry
+        assert client.translate(TEXTS[:1], timeout=60)[0].text == plain.text
+        name = translator.name
+        assert (counted(metrics, "misses", name), counted(metrics, "hits", name)) == (2, 2)
+        assert len(cache) == 2
+
+
 def test_the_bound_is_kept_least_recently_used_first(translator):
     with serving(translator, 3) as (client, metrics, cache):
         for text in TEXTS[:3]:

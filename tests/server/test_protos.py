@@ -29,7 +29,7 @@ def test_generated_package_imports_and_has_the_service():
     from nmt.v1 import translator_pb2, translator_pb2_grpc
 
     service = translator_pb2.DESCRIPTOR.services_by_name["Translator"]
-    methods = ["Translate", "TranslateStream", "GetModelInfo", "ReloadModel"]
+    methods = ["Translate", "TranslateStream", "TranslateIncremental", "GetModelInfo", "ReloadModel"]
     assert [m.name for m in service.methods] == methods
     assert hasattr(translator_pb2_grpc, "TranslatorStub")
     # "unset" is distinguishable from 0 for the options that have server defaults.

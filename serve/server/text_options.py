@@ -1,0 +1,64 @@
+"""Per-text request options (nmt.v1 TextOptions, keep_terms): forced target prefixes and protected spans.
+
+`plan_texts` validates them against the model and turns them into what the engine takes: the texts
+to translate (protected spans replaced by placeholders, serve.engine.spans), forced target ids per
+text, and how to put the spans back into each output. A request without any is passed through as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from nmt.decoding import DecodeOptions, Hypothesis, InvalidRequest, check_prefixes
+from nmt.v1 import translator_pb2 as pb
+from serve.engine.spans import Masked, Restorer, Span, check_spans, find_terms, mask
+from serve.engine.translator import Translator
+
+
+@dataclass
+class TextPlan:
+    texts: list[str]  # what the model translates
+    prefixes: list[list[int]] | None = None  # forced target ids per text; None: no text has one
+    masked: list[Masked] = field(default_factory=list)  # per text: its placeholders
+
+    def check(self, translator: Translator, sources: list[list[int]], options: DecodeOptions) -> None:
+        """InvalidRequest for a prefix outside the target vocabulary or longer than its text's budget."""
+        if self.prefixes is not None:
+            check_prefixes(self.prefixes, [translator.budget(len(s), options) for s in sources],
+                           translator.manifest.vocab_size, name=lambda i: f"text_options[{i}].target_prefix")
+
+    def restorer(self, i: int) -> Restorer:
+        return self.masked[i].restorer()
+
+    def restore(self, i: int, hyps: list[Hypothesis]) -> list[Hypothesis]:
+        """The hypotheses of text i with its spans back in their text (tokens stay the model's)."""
+        if self.masked[i].originals:
+            for h in hyps:
+                h.text = self.restorer(i).restore(h.text)
+        return hyps
+
+
+def plan_texts(translator: Translator, texts: Sequence[str], options: Sequence[pb.TextOptions],
+               keep_terms: Sequence[str]) -> TextPlan:
+    """Validate the per-text options (InvalidRequest names the field); see TextPlan.check for the prefixes."""
+    if options and len(options) != len(texts):
+        raise InvalidRequest(f"text_options has {len(options)} entries for {len(texts)} texts: "
+                             f"send none or one per text")
+    if any(not t.strip() for t in keep_terms):
+        raise InvalidRequest("keep_terms: a term is empty or blank")
+    prefixes: list[list[int]] = []
+    masked: list[Masked] = []
+    for i, text in enumerate(texts):
+        o = options[i] if options else pb.TextOptions()
+        name = f"text_options[{i}]"
+        if o.target_prefix and o.target_prefix_tokens:
+            raise InvalidRequest(f"{name}: set target_prefix or target_prefix_tokens, not both")
+        prefixes.append(translator.tokenizer.encode(o.target_prefix) if o.target_prefix
+                        else list(o.target_prefix_tokens))
+        spans = [Span(s.start, s.end) for s in o.protected_spans]
+        if keep_terms:
+            spans += [s for s in find_terms(text, keep_terms)
+                      if not any(p.start < s.end and s.start < p.end for p in spans)]
+        masked.append(mask(text, check_spans(text, spans, f"{name}.protected_spans")))
+    return TextPlan([m.text for m in masked], prefixes if any(prefixes) else None, masked)
