@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from nmt.bundle import TOKENIZER_FILE
+from nmt.bundle import Manifest
 from nmt.decoding import InvalidRequest
 from serve.engine.continuous import ContinuousScheduler
 from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS
@@ -49,6 +49,14 @@ class BatchingConfig:
     max_delay: float = 0.002  # static: seconds the scheduler lets the queue fill once work arrived
     max_queue: int = 1024  # texts waiting per model; beyond it RESOURCE_EXHAUSTED
     always_wait: bool = False  # static: wait max_delay even for a lone request (default: while overlapping)
+
+
+def tokenizer_identity(manifest: Manifest) -> tuple:
+    """What decides the token ids of a text: every file of the bundle but its graphs (our one
+    SentencePiece model, or an imported pair and its vocabularies) and the manifest's tokenizer entry."""
+    files = sorted((name, entry.get("sha256")) for name, entry in manifest.files.items()
+                   if not name.endswith(".onnx"))
+    return tuple(files), repr(manifest.raw.get("tokenizer"))
 
 
 class Handoff:
@@ -91,8 +99,8 @@ class Handoff:
 
     def retire(self, successor: Handoff, idle: float = 1.0, timeout: float | None = 60.0) -> threading.Thread:
         """Close this scheduler once idle (in a thread, returned); later submissions go to `successor`."""
-        tokenizer = self.translator.manifest.files.get(TOKENIZER_FILE, {}).get("sha256")
-        same = tokenizer == successor.translator.manifest.files.get(TOKENIZER_FILE, {}).get("sha256")
+        mine, theirs = self.translator.manifest, successor.translator.manifest
+        same = tokenizer_identity(mine) == tokenizer_identity(theirs)
 
         def close_when_idle() -> None:
             while True:
