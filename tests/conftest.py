@@ -83,3 +83,20 @@ def tiny_bundle_v2(tmp_path_factory, tiny_checkpoint) -> Path:
     path = tmp_path_factory.mktemp("ckpt-v2") / "v2.pt"
     torch.save(ckpt, path)
     return export_bundle(path, tmp_path_factory.mktemp("bundles") / "tiny-fp32-v2")
+
+
+@pytest.fixture(scope="module")
+def translator(tiny_bundle):
+    """The engine on the tiny bundle, CPU, one thread (a module may define its own)."""
+    from serve.engine.translator import EngineConfig, Translator
+
+    return Translator.from_bundle(tiny_bundle, EngineConfig(device="cpu", intra_op_threads=1))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    """The tiny checkpoint's PyTorch model, the reference decoders' input."""
+    from train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    model, _ = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
+    return model

@@ -16,18 +16,13 @@ from conftest import read_lines
 
 from nmt.decoding import Cancelled, DeadlineExceeded, DecodeOptions, InvalidRequest, StopSignal
 from serve.engine.continuous import ContinuousScheduler
-from serve.engine.translator import EngineConfig, Translator
+from serve.engine.translator import Translator
 
 TOL = 1e-3
 GREEDY = DecodeOptions()
 MIXED = [DecodeOptions(), DecodeOptions(beam_size=4), DecodeOptions(min_length=12),
          DecodeOptions(beam_size=2, n_best=2, length_penalty=0.6, return_scores=True),
          DecodeOptions(max_length_a=0.5, max_length_b=3), DecodeOptions(beam_size=3, min_length=8)]
-
-
-@pytest.fixture(scope="module")
-def translator(tiny_bundle) -> Translator:
-    return Translator.from_bundle(tiny_bundle, EngineConfig(device="cpu", intra_op_threads=1))
 
 
 @pytest.fixture(scope="module")

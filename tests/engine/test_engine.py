@@ -24,19 +24,6 @@ TOL = 1e-3  # float32 log-prob sums over up to ~40 steps
 
 
 @pytest.fixture(scope="module")
-def translator(tiny_bundle) -> Translator:
-    return Translator.from_bundle(tiny_bundle, EngineConfig(device="cpu", intra_op_threads=1))
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint):
-    from train.checkpoint import load_checkpoint, model_from_checkpoint
-
-    model, _ = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
-    return model
-
-
-@pytest.fixture(scope="module")
 def sources(translator) -> list[list[int]]:
     return translator.tokenize(read_lines("val", "en", 30))
 

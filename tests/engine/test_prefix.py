@@ -11,23 +11,9 @@ from conftest import read_lines
 
 from nmt.decoding import DecodeOptions, InvalidRequest, StopSignal
 from serve.engine.continuous import ContinuousScheduler
-from serve.engine.translator import EngineConfig, Translator
 
 TOL = 1e-3
 GREEDY, BEAM = DecodeOptions(), DecodeOptions(beam_size=3, n_best=2, min_length=6)
-
-
-@pytest.fixture(scope="module")
-def translator(tiny_bundle) -> Translator:
-    return Translator.from_bundle(tiny_bundle, EngineConfig(device="cpu", intra_op_threads=1))
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint):
-    from train.checkpoint import load_checkpoint, model_from_checkpoint
-
-    model, _ = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,9 @@ from nmt.decoding import Cancelled, DecodeOptions, StopSignal
 from serve.engine.continuous import ContinuousScheduler
 from serve.engine.spans import Span, check_spans, find_terms, mask
 from serve.engine.streaming import PieceStream, StreamBroken, Update, stable_words
-from serve.engine.translator import EngineConfig, Translator
 
 OPTIONS = [DecodeOptions(), DecodeOptions(min_length=20), DecodeOptions(beam_size=4, n_best=2),
            DecodeOptions(beam_size=3, length_penalty=0.2, min_length=10)]
-
-
-@pytest.fixture(scope="module")
-def translator(tiny_bundle) -> Translator:
-    return Translator.from_bundle(tiny_bundle, EngineConfig(device="cpu", intra_op_threads=1))
 
 
 @pytest.fixture(scope="module")
