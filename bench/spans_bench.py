@@ -1,15 +1,16 @@
-"""Protected spans on Multi30k test sentences: what placeholders cost and how often spans survive.
+"""Protected spans on Multi30k test sentences: what each method costs and how often spans survive.
 
     python -m bench.spans_bench --bundle BUNDLE [--split test_2016_flickr] [--out bench/results/spans.md]
 
 Spans are picked automatically: numbers (digits) and capitalized words not at the start of the sentence
-(runs of them form one span, e.g. "Boston Terrier"). For every placeholder style (serve.engine.spans):
+(runs of them form one span, e.g. "Boston Terrier"). For the alignment method (serve.engine.span_align,
+the default) and every placeholder style (serve.engine.spans):
   * sentences without spans: BLEU of the protected path (no spans -> the text is translated as is)
     against the plain translation, and how many outputs are identical;
-  * sentences with spans: how often the model copied every placeholder (the span lands where the model
-    put it), how often every span is verbatim in the final output (placeholders the model dropped are
-    inserted before the final punctuation), and BLEU against the references, with and without
-    protection.
+  * sentences with spans: how often every span was placed by the model (copied, at the word aligned
+    to it or before the word aligned to its source neighbour; placeholders: the model copied every
+    placeholder) rather than by the fallback (before the final punctuation), how often every span is verbatim in the final output, and BLEU
+    against the references, with and without protection.
 Greedy decoding on the engine (ONNX Runtime, CPU).
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from nmt.decoding import DecodeOptions
 from nmt.files import atomic_write_text
+from serve.engine.span_align import AlignedSpans
 from serve.engine.spans import STYLES, Span, check_spans, mask
 from serve.engine.translator import EngineConfig, Translator
 
@@ -73,6 +75,15 @@ def protected(translator: Translator, texts: list[str], spans: list[list[Span]],
     return [m.restorer().restore(out) for m, out in zip(masked, raw)], copied
 
 
+def by_alignment(translator: Translator, texts: list[str], spans: list[list[Span]]
+                 ) -> tuple[list[str], list[bool]]:
+    """Final outputs, and per text whether every span was placed by the model (copied or aligned)."""
+    hyps = translator.translate_ids(translator.tokenize(texts), DecodeOptions(return_alignments=True))
+    placed = [AlignedSpans.of(t, check_spans(t, s), translator.tokenizer).place(h[0].tokens, h[0].alignment)
+              if s else (h[0].text, 0) for t, s, h in zip(texts, spans, hyps) if h is not None]
+    return [text for text, _ in placed], [fallback == 0 for _, fallback in placed]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.spans_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", required=True)
@@ -95,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     base_with = bleu([plain[i] for i in with_], [ref[i] for i in with_])
     base_without = bleu([plain[i] for i in without], [ref[i] for i in without])
     rows = []
-    for style in STYLES:
-        out_without, _ = protected(translator, [src[i] for i in without], [[] for _ in without], style)
-        out_with, copied = protected(translator, [src[i] for i in with_], [spans[i] for i in with_], style)
+    for style in ("alignment", *STYLES):
+        run = by_alignment if style == "alignment" else \
+            lambda tr, texts, sp, style=style: protected(tr, texts, sp, style)
+        out_without, _ = run(translator, [src[i] for i in without], [[] for _ in without])
+        out_with, copied = run(translator, [src[i] for i in with_], [spans[i] for i in with_])
         kept = sum(all(src[i][s.start:s.end] in out for s in spans[i]) for i, out in zip(with_, out_with))
         identical = sum(a == plain[i] for i, a in zip(without, out_without))
         rows.append((style, bleu(out_without, [ref[i] for i in without]) - base_without,
@@ -105,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                      f"{100 * kept / len(with_):.1f}", bleu(out_with, [ref[i] for i in with_]), base_with))
     lines = [f"Bundle {args.bundle} ({translator.name}), Multi30k {args.split}: {len(src)} sentences, "
              f"{len(with_)} with {n_spans} automatic spans (digits, capitalized words after the first).",
-             "", "| placeholder | BLEU change, no spans | identical, no spans | placeholders copied % | "
+             "", "| method | BLEU change, no spans | identical, no spans | placed by the model % | "
              "spans verbatim % | BLEU with spans | BLEU unprotected |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {s} | {d:+.2f} | {i} | {c} | {k} | {b:.2f} | {u:.2f} |" for s, d, i, c, k, b, u in rows]
+    lines += [f"| {s if s == 'alignment' else 'placeholder: ' + s} | {d:+.2f} | {i} | {c} | {k} | {b:.2f} "
+              f"| {u:.2f} |" for s, d, i, c, k, b, u in rows]
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -21,7 +21,7 @@ from typing import Any
 import sentencepiece as spm
 
 from nmt.bundle import TOKENIZER_FILE, BundleError
-from nmt.tokenizer import Tokenizer
+from nmt.tokenizer import Tokenizer, piece_offsets
 
 KIND = "sentencepiece_pair"
 SOURCE_MODEL, TARGET_MODEL = "source.spm", "target.spm"
@@ -86,6 +86,13 @@ class PairTokenizer:
             code, text = [text[:end + 2]], text[end + 2:]
         pieces = code + self.src_sp.encode(text, out_type=str)
         return [self.source_vocab.get(p, self.src_unk_id) for p in pieces]
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """Per id of `encode(text)`: the code-point range of the text it came from."""
+        end = text.find("<<")
+        if text.startswith(">>") and end != -1:
+            return [(0, end + 2)] + piece_offsets(self.src_sp, text[end + 2:], shift=end + 2)
+        return piece_offsets(self.src_sp, text)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of target ids; <unk>, </s> and <pad> are dropped."""

@@ -66,3 +66,20 @@ class Tokenizer:
 
     def pieces(self, ids: Iterable[int]) -> list[str]:
         return [self.sp.id_to_piece(int(i)) for i in ids]
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """Per id of `encode(text)`: the code-point range of the text it came from."""
+        return piece_offsets(self.sp, text)
+
+
+def piece_offsets(sp: spm.SentencePieceProcessor, text: str, shift: int = 0) -> list[tuple[int, int]]:
+    """Code-point ranges of the pieces SentencePiece cuts `text` into, moved by `shift`, each without
+    the whitespace it absorbed (SentencePiece reports byte offsets into the original text)."""
+    at = [i for i, ch in enumerate(text) for _ in ch.encode()] + [len(text)]  # byte -> code point
+    out = []
+    for piece in sp.encode(text, out_type="proto").pieces:
+        start, end = at[piece.begin], at[piece.end]
+        while start < end and text[start].isspace():
+            start += 1
+        out.append((start + shift, end + shift))
+    return out

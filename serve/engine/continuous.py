@@ -85,6 +85,14 @@ class Text:
             return [self.tokens]
         return self.beam.live + [h.tokens for h in self.beam.finished]
 
+    def candidate_alignments(self) -> list[list[int]] | None:
+        """The alignments of `candidates()`, when the request asked for them."""
+        if not self.options.return_alignments:
+            return None
+        if self.beam is None:
+            return [self.alignment]
+        return self.beam.live_align + [h.alignment or [] for h in self.beam.finished]
+
     def top_k(self, vocab: int) -> int:
         """How many of a step's best tokens this text reads (as its own batch would ask for)."""
         banned = self.steps < self.options.min_length
@@ -343,7 +351,7 @@ class ContinuousScheduler:
         """Hand a text's candidates to its listener; a failing listener fails only its own request."""
         assert text.job.listener is not None
         try:
-            text.job.listener(text.index, text.steps, text.candidates())
+            text.job.listener(text.index, text.steps, text.candidates(), text.candidate_alignments())
         except Exception as exc:
             log.warning("model %s: step listener failed: %r", self.name, exc)
             text.done = True

@@ -51,9 +51,11 @@ class StepTranslator(Protocol):
 
 class StepListener(Protocol):
     """Told the candidates of a text after each of its decoder steps: `candidates[0]` is the current
-    best (greedy: the one hypothesis; beam: the live beams best first, then the finished ones)."""
+    best (greedy: the one hypothesis; beam: the live beams best first, then the finished ones), and
+    their alignments when the request asked for them."""
 
-    def __call__(self, index: int, step: int, candidates: list[list[int]]) -> None: ...
+    def __call__(self, index: int, step: int, candidates: list[list[int]],
+                 alignments: list[list[int]] | None = None) -> None: ...
 
 
 class BatchMetrics(Protocol):

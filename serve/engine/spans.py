@@ -1,6 +1,8 @@
 """Protected spans (do-not-translate): parts of a source that come back verbatim in its translation.
 
-Method: placeholders. Each protected span of the source is replaced by a placeholder word the model
+Spans are placed by the model's alignment (serve.engine.span_align) when the bundle has the alignment
+graph; this module checks spans and finds terms for both, and is the method for bundles without it.
+Method here: placeholders. Each protected span of the source is replaced by a placeholder word the model
 copies through (numbers: a Multi30k model passes digits through unchanged far more often than names or
 made-up tokens; bench/spans_bench.py measures the styles), the text is translated, and each
 placeholder found in the output is replaced by its span. A placeholder the model dropped gets its span
@@ -103,6 +105,17 @@ def mask(text: str, spans: Sequence[Span], style: str = DEFAULT_STYLE) -> Masked
     return Masked("".join(out), originals)
 
 
+def insert_before_final_punctuation(text: str, items: Sequence[str], after_text: bool = False) -> str:
+    """The items (space-separated) put before the text's final punctuation; after_text: text came
+    before this one (a streamed piece), so they need a space even at its start."""
+    if not items:
+        return text
+    cut = FINAL_PUNCTUATION.search(text)
+    at = cut.start() if cut else len(text)
+    lead = " " if at > 0 or after_text else ""  # a word before it, here or in an earlier piece
+    return text[:at] + lead + " ".join(items) + text[at:]
+
+
 class Restorer:
     """Puts the spans back into a translation fed left to right in pieces cut at word boundaries."""
 
@@ -125,11 +138,7 @@ class Restorer:
         if self._pattern is not None:
             piece = self._pattern.sub(self._sub, piece)
         if final and self.left:
-            cut = FINAL_PUNCTUATION.search(piece)
-            at = cut.start() if cut else len(piece)
-            missing = " ".join(self.left.values())
-            lead = " " if at > 0 or self.fed else ""  # a word before it, in this piece or an earlier one
-            piece = piece[:at] + lead + missing + piece[at:]
+            piece = insert_before_final_punctuation(piece, list(self.left.values()), after_text=self.fed)
             self.left = {}
         self.fed = self.fed or bool(piece)
         return piece

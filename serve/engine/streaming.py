@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import os
 import queue
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from nmt.pair_tokenizer import BundleTokenizer
+
+# A candidate's text from its tokens and alignment; final=False: the hypothesis may still grow, so
+# only what can no longer change (serve.engine.span_align.AlignedSpans.render).
+Render = Callable[[Sequence[int], "Sequence[int] | None", bool], str]
 
 
 @dataclass
@@ -41,22 +46,30 @@ def stable_words(texts: list[str]) -> str:
 
 
 class PieceStream:
-    """The StepListener of one streamed text; `interval` throttles beam updates (every that many steps)."""
+    """The StepListener of one streamed text; `interval` throttles beam updates (every that many steps);
+    `render`, when given, makes each candidate's text (protected spans placed by alignment)."""
 
-    def __init__(self, tokenizer: BundleTokenizer, interval: int = 1, beam: bool = False):
+    def __init__(self, tokenizer: BundleTokenizer, interval: int = 1, beam: bool = False,
+                 render: Render | None = None):
         if interval < 1:
             raise ValueError(f"interval must be >= 1, got {interval}")
-        self.tokenizer, self.interval, self.beam = tokenizer, interval, beam
+        self.tokenizer, self.interval, self.beam, self.render = tokenizer, interval, beam, render
         self.sent = ""  # the concatenation of the pieces so far
         self.updates: queue.Queue[Update] = queue.Queue()
 
-    def __call__(self, index: int, step: int, candidates: list[list[int]]) -> None:
+    def __call__(self, index: int, step: int, candidates: list[list[int]],
+                 alignments: list[list[int]] | None = None) -> None:
         if self.beam and step % self.interval:
             return
-        texts = [self.tokenizer.decode(c) for c in candidates]
+        if self.render is not None:
+            aligns = alignments if alignments is not None else [None] * len(candidates)
+            # a trailing space says "a word follows" to stable_words; the partial text has none
+            texts = [self.render(c, a, False) for c, a in zip(candidates, aligns)]
+        else:
+            texts = [self.tokenizer.decode(c) for c in candidates]
         piece = self._advance(stable_words(texts))
         if piece or self.beam:  # greedy: an update per completed word; beam: one per interval
-            self.updates.put(Update(piece, texts[0] if texts else "", step))
+            self.updates.put(Update(piece, texts[0].rstrip(" ") if texts else "", step))
 
     def _advance(self, stable: str) -> str:
         if len(stable) <= len(self.sent) or not stable.startswith(self.sent):

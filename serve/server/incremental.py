@@ -2,7 +2,8 @@
 
 The request is checked as the equivalent one-text TranslateRequest (same limits, options, routing and
 messages). A `PieceStream` (serve.engine.streaming) listens to the text's decoder steps in the
-continuous loop; this generator forwards its updates, with protected spans put back word by word,
+continuous loop; this generator forwards its updates (protected spans placed by alignment in the stream's own
+rendering, or placeholders put back word by word),
 then answers the finished translation, marked final. The static scheduler never calls the listener:
 there the stream is the final response alone. The RPC's end (cancelled, deadline) sets the request's
 stop signal, which drops its row at the loop's next step boundary.
@@ -69,9 +70,12 @@ def _stream(servicer: TranslatorServicer, request: pb.TranslateIncrementalReques
         raise InvalidRequest(f"interval must be >= 1 decoder step, got {interval}")
     p = servicer._prepare(single)
     call.model = p.model.name
-    pieces = PieceStream(p.model.translator.tokenizer, interval, beam=p.options.beam_size > 1)
-    restorer = p.plan.restorer(0)
-    future = p.model.scheduler.submit(p.sources, p.options, stop, prefixes=p.plan.prefixes, listener=pieces)
+    aligned = p.plan.aligned[0] if p.plan.aligned else None
+    pieces = PieceStream(p.model.translator.tokenizer, interval, beam=p.options.beam_size > 1,
+                         render=aligned.render if aligned is not None else None)
+    restorer = p.plan.restorer(0)  # placeholders put back piece by piece (none when placed by alignment)
+    future = p.model.scheduler.submit(p.sources, p.plan.engine_options(p.options), stop,
+                                      prefixes=p.plan.prefixes, listener=pieces)
     # A cancelled call is not resumed by grpc: its outcome is recorded when the loop drops the text.
     def ended(f: Future) -> None:
         exc = f.exception()
@@ -100,6 +104,6 @@ def _stream(servicer: TranslatorServicer, request: pb.TranslateIncrementalReques
         yield answer(update)
     hyps = future.result()  # raises the request's Cancelled / DeadlineExceeded / failure
     best = hyps[0][0]
-    last = answer(pieces.finish(best.text, max(step, len(best.tokens))))  # before spans are restored
+    last = answer(pieces.finish(p.plan.streamed(0, best), max(step, len(best.tokens))))
     last.translation.CopyFrom(servicer._response(single, p, hyps).translations[0])
     yield last

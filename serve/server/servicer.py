@@ -144,7 +144,7 @@ class TranslatorServicer:
         with self._recorded(Call("Translate", request)) as call:
             p = self._prepare(request)
             call.model = p.model.name
-            hyps = p.model.scheduler.submit(p.sources, p.options, stop_signal(context),
+            hyps = p.model.scheduler.submit(p.sources, p.plan.engine_options(p.options), stop_signal(context),
                                             prefixes=p.plan.prefixes).result()
             assert not isinstance(request, Malformed)  # _prepare refused it
             return self._response(request, p, hyps)
@@ -171,8 +171,8 @@ class TranslatorServicer:
                     item = StreamItem(request, time.monotonic())
                     try:
                         item.prepared = p = self._prepare(request)
-                        item.future = p.model.scheduler.submit(p.sources, p.options, stop, block=True,
-                                                               prefixes=p.plan.prefixes)
+                        item.future = p.model.scheduler.submit(p.sources, p.plan.engine_options(p.options),
+                                                               stop, block=True, prefixes=p.plan.prefixes)
                     except Exception as exc:
                         item.error = exc
                     if not put(item):

@@ -1,17 +1,20 @@
 """Per-text request options (nmt.v1 TextOptions, keep_terms): forced target prefixes and protected spans.
 
 `plan_texts` validates them against the model and turns them into what the engine takes: the texts
-to translate (protected spans replaced by placeholders, serve.engine.spans), forced target ids per
-text, and how to put the spans back into each output. A request without any is passed through as is.
+to translate, forced target ids per text, and how to put the protected spans into each output: by the
+model's alignment (serve.engine.span_align; the texts are translated as they are, with alignments)
+when the bundle has the alignment graph, else by placeholders (serve.engine.spans). A request without
+any is passed through as is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nmt.decoding import DecodeOptions, Hypothesis, InvalidRequest, check_prefixes
 from nmt.v1 import translator_pb2 as pb
+from serve.engine.span_align import AlignedSpans
 from serve.engine.spans import Masked, Restorer, Span, check_spans, find_terms, mask
 from serve.engine.translator import Translator
 
@@ -21,6 +24,12 @@ class TextPlan:
     texts: list[str]  # what the model translates
     prefixes: list[list[int]] | None = None  # forced target ids per text; None: no text has one
     masked: list[Masked] = field(default_factory=list)  # per text: its placeholders
+    aligned: list[AlignedSpans | None] = field(default_factory=list)  # per text: spans placed by alignment
+
+    def engine_options(self, options: DecodeOptions) -> DecodeOptions:
+        """What to decode with: alignments on when a span is placed by them (the caller's options
+        still decide what the answer shows)."""
+        return replace(options, return_alignments=True) if any(self.aligned) else options
 
     def check(self, translator: Translator, sources: list[list[int]], options: DecodeOptions) -> None:
         """InvalidRequest for a prefix outside the target vocabulary or longer than its text's budget."""
@@ -31,11 +40,24 @@ class TextPlan:
     def restorer(self, i: int) -> Restorer:
         return self.masked[i].restorer()
 
+    def render(self, i: int, h: Hypothesis) -> str:
+        """The text of a hypothesis of text i with its spans in it (tokens stay the model's)."""
+        aligned = self.aligned[i] if self.aligned else None
+        if aligned is not None:
+            return aligned.render(h.tokens, h.alignment)
+        return self.restorer(i).restore(h.text) if self.masked[i].originals else h.text
+
+    def streamed(self, i: int, h: Hypothesis) -> str:
+        """The final text a stream of text i is told before its spans are restored piece by piece:
+        already rendered when they are placed by alignment (the stream renders them too)."""
+        aligned = self.aligned[i] if self.aligned else None
+        return aligned.render(h.tokens, h.alignment) if aligned is not None else h.text
+
     def restore(self, i: int, hyps: list[Hypothesis]) -> list[Hypothesis]:
-        """The hypotheses of text i with its spans back in their text (tokens stay the model's)."""
-        if self.masked[i].originals:
-            for h in hyps:
-                h.text = self.restorer(i).restore(h.text)
+        """The hypotheses of text i with its spans in their text; new objects, since a cache or a
+        repeated text of the request may share them."""
+        if (self.aligned and self.aligned[i] is not None) or self.masked[i].originals:
+            return [replace(h, text=self.render(i, h)) for h in hyps]
         return hyps
 
 
@@ -49,6 +71,8 @@ def plan_texts(translator: Translator, texts: Sequence[str], options: Sequence[p
         raise InvalidRequest("keep_terms: a term is empty or blank")
     prefixes: list[list[int]] = []
     masked: list[Masked] = []
+    aligned: list[AlignedSpans | None] = []
+    by_alignment = translator.runtime.has_alignments
     for i, text in enumerate(texts):
         o = options[i] if options else pb.TextOptions()
         name = f"text_options[{i}]"
@@ -60,5 +84,11 @@ def plan_texts(translator: Translator, texts: Sequence[str], options: Sequence[p
         if keep_terms:
             spans += [s for s in find_terms(text, keep_terms)
                       if not any(p.start < s.end and s.start < p.end for p in spans)]
-        masked.append(mask(text, check_spans(text, spans, f"{name}.protected_spans")))
-    return TextPlan([m.text for m in masked], prefixes if any(prefixes) else None, masked)
+        spans = check_spans(text, spans, f"{name}.protected_spans")
+        if by_alignment and spans:
+            aligned.append(AlignedSpans.of(text, spans, translator.tokenizer, frozen=len(prefixes[-1])))
+            masked.append(Masked(text))
+        else:
+            aligned.append(None)
+            masked.append(mask(text, spans))
+    return TextPlan([m.text for m in masked], prefixes if any(prefixes) else None, masked, aligned)

@@ -16,7 +16,8 @@ def test_the_bench_table_one_row_per_style(tiny_bundle, data_dir, tmp_path, caps
     assert main(["--bundle", str(tiny_bundle), "--data-dir", str(data_dir), "--limit", "120",
                  "--out", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [r.split(" | ")[0] for r in rows] == ["| number", "| name", "| token"]
+    methods = ["| alignment", "| placeholder: number", "| placeholder: name", "| placeholder: token"]
+    assert [r.split(" | ")[0] for r in rows] == methods
     for r in rows:
         cells = r.strip("| ").split(" | ")
         assert cells[1] == "+0.00" and cells[2].split("/")[0] == cells[2].split("/")[1]  # identical

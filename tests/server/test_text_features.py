@@ -109,9 +109,42 @@ def test_protected_spans_and_terms_come_back_verbatim(served):
     got = client.translate(texts, timeout=60, text_options=spans, keep_terms=["Quuxville", "37"])
     assert "Zorblax" in got[0].text and "Quuxville" in got[0].text and "37" in got[1].text
     assert got[2].text == client.translate(texts[2:], timeout=60)[0].text  # no spans: no change
-    responses = streamed(client, texts[0], BEAM, text_options=spans[0], keep_terms=["Quuxville"])
-    assert "".join(r.piece for r in responses) == client.translate(
-        texts[:1], BEAM, timeout=60, text_options=spans[:1], keep_terms=["Quuxville"])[0].text
+    for opts in (DecodeOptions(), BEAM):
+        responses = streamed(client, texts[0], opts, text_options=spans[0], keep_terms=["Quuxville"])
+        assert "".join(r.piece for r in responses) == client.translate(
+            texts[:1], opts, timeout=60, text_options=spans[:1], keep_terms=["Quuxville"])[0].text
+
+
+def test_spans_are_placed_by_alignment_which_the_answer_shows_only_when_asked(served, translator):
+    _, _, client = served
+    text = "A man named Zorblax rides 2 bikes."
+    each = [pb.TextOptions(protected_spans=[pb.Span(start=12, end=19)]),
+            pb.TextOptions(protected_spans=[pb.Span(start=26, end=27)])]
+    got = client.translate([text, text], timeout=60, text_options=each)  # one text, two different spans
+    assert "Zorblax" in got[0].text and "2" in got[1].text
+    assert all(h.alignment is None for r in got for h in r.hypotheses)  # not asked for
+    asked = client.translate([text], DecodeOptions(return_alignments=True), timeout=60, text_options=each[:1])
+    assert asked[0].text == got[0].text and asked[0].hypotheses[0].alignment
+    plain = translator.translate([text], DecodeOptions())[0].hypotheses[0]
+    assert got[0].hypotheses[0].tokens == plain.tokens  # the source was translated as it is
+
+
+def test_a_bundle_without_alignments_places_spans_by_placeholders(tiny_bundle, translator, tmp_path):
+    from export.pipeline import strip_alignment_output
+    from serve.engine.translator import EngineConfig, Translator
+    from serve.server.text_options import plan_texts
+
+    text = "A man named Zorblax rides a bike."
+    each = [pb.TextOptions(protected_spans=[pb.Span(start=12, end=19)])]
+    aligned = plan_texts(translator, [text], each, [])
+    assert aligned.texts == [text] and aligned.engine_options(DecodeOptions()).return_alignments
+    plain = Translator.from_bundle(strip_alignment_output(tiny_bundle, tmp_path / "plain"),
+                                   EngineConfig(device="cpu", warmup=False))
+    masked = plan_texts(plain, [text], each, [])
+    assert masked.texts[0] != text and "Zorblax" not in masked.texts[0]
+    assert not masked.engine_options(DecodeOptions()).return_alignments
+    with running(plain) as (_, _, client):
+        assert "Zorblax" in client.translate([text], timeout=60, text_options=each)[0].text
 
 
 @pytest.mark.parametrize("request_kw, message", [
