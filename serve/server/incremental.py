@@ -71,7 +71,8 @@ def _stream(servicer: TranslatorServicer, request: pb.TranslateIncrementalReques
     call.model = p.model.name
     pieces = PieceStream(p.model.translator.tokenizer, interval, beam=p.options.beam_size > 1)
     restorer = p.plan.restorer(0)
-    future = p.model.scheduler.submit(p.sources, p.options, stop, prefixes=p.plan.prefixes, listener=pieces)
+    future, p.version = p.model.scheduler.submit_on(p.sources, p.options, stop, prefixes=p.plan.prefixes,
+                                                    listener=pieces)
     # A cancelled call is not resumed by grpc: its outcome is recorded when the loop drops the text.
     def ended(f: Future) -> None:
         exc = f.exception()
@@ -85,7 +86,7 @@ def _stream(servicer: TranslatorServicer, request: pb.TranslateIncrementalReques
         partial = p.plan.restorer(0).restore(u.partial) if p.plan.masked[0].originals else u.partial
         return pb.TranslateIncrementalResponse(
             request_id=request.request_id, piece=restorer.feed(u.piece, final=u.final), partial=partial,
-            step=u.step, final=u.final, model=p.model.name)
+            step=u.step, final=u.final, model=p.model.name, model_version=p.version)
 
     step = 0
     while True:
