@@ -9,8 +9,8 @@ the default) and every placeholder style (serve.engine.spans):
     against the plain translation, and how many outputs are identical;
   * sentences with spans: how often every span was placed by the model (copied, at the word aligned
     to it or before the word aligned to its source neighbour; placeholders: the model copied every
-    placeholder) rather than by the fallback (before the final punctuation), how often every span is verbatim in the final output, and BLEU
-    against the references, with and without protection.
+    placeholder) rather than by the fallback (before the final punctuation), how often every span is
+    verbatim in the final output, and BLEU against the references, with and without protection.
 Greedy decoding on the engine (ONNX Runtime, CPU).
 """
 

@@ -16,7 +16,7 @@ from nmt.v1 import translator_pb2 as pb
 
 KINDS = ("valid", "fuzz", "invalid", "garbage", "deadline", "cancelled", "disconnect", "unauthenticated")
 WEIGHTS = (40, 12, 15, 12, 8, 7, 6, 4)
-# Decoding option presets of valid requests; answers are kept per (model, options, text).
+# Decoding option presets of valid requests; answers are kept per (model, version, options, text).
 PRESETS: dict[str, pb.DecodingOptions] = {
     "greedy": pb.DecodingOptions(),
     "greedy-scores": pb.DecodingOptions(return_scores=True),
@@ -231,14 +231,15 @@ def check_response(plan: Plan, response: pb.TranslateResponse) -> list[str]:
 
 @dataclass
 class AnswerBook:
-    """Answers per (model, serialized options, text); a second, different answer to one key is a mix-up."""
+    """Answers per (model, model version, serialized options, text); a second, different answer to one
+    key is a mix-up. The version is part of the key: a reload may change every answer."""
 
-    answers: dict[tuple[str, bytes, str], Answer] = field(default_factory=dict)
+    answers: dict[tuple[str, str, bytes, str], Answer] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record(self, model: str, options: bytes, text: str, answer: Answer) -> str | None:
+    def record(self, model: str, version: str, options: bytes, text: str, answer: Answer) -> str | None:
         with self.lock:
-            first = self.answers.setdefault((model, options, text), answer)
+            first = self.answers.setdefault((model, version, options, text), answer)
         if not same_answer(answer, first):
-            return f"two answers to {text[:40]!r} differ: {first} vs {answer}"
+            return f"two answers of version {version[:12]} to {text[:40]!r} differ: {first} vs {answer}"
         return None

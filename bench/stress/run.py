@@ -15,12 +15,16 @@ thread interleaving. Kinds of request, each with the status codes it may get:
   disconnect  the client closes its channel mid-call                               CANCELLED, OK
   unauthenticated  (with --auth-token) a request without the token                 UNAUTHENTICATED
 With --model-dir the server is a child `nmt serve --port 0`, stopped with SIGTERM at the end: it must
-drain and exit 0 without having logged a traceback.
+drain and exit 0 without having logged a traceback. With --reload-bundle DIR (and --auth-token) a thread
+reloads the model during the load (bench/stress/reload.py); answers are then kept per model version
+(TranslateResponse.model_version), and the run also fails when a good bundle is not taken, the corrupt
+copy is not refused, or fewer than two versions answered.
 
 The run fails when the server dies or stops answering health, a code outside a kind's set appears
 (INTERNAL and UNKNOWN never are in one), an answer is wrong (request_id, count or n-best mismatch, two
-answers to one text differ, or an answer differs from the text sent alone after the load), or the
-server's RSS grows beyond --max-rss-growth-mb between warm-up and the end.
+answers of one version to one text differ, or an answer of the version serving at the end differs from
+the text sent alone after the load), or the server's RSS grows beyond --max-rss-growth-mb between
+warm-up and the end.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from bench.stress.plan import (
     request_of,
     same_answer,
 )
+from bench.stress.reload import BundleReloader, ReloadStats, model_versions, summary
 from bench.stress.server import ServerProcess, StressError, rss_mb, wait_serving
 from nmt.v1 import translator_pb2 as pb
 from serve.protocol.convert import SERVICE
@@ -73,6 +78,9 @@ class StressConfig:
     verify_max: int = 2000  # answers re-checked alone after the load (a seeded sample beyond this)
     texts: list[str] = field(default_factory=list)  # valid texts (default: generated sentences)
     connect_timeout: float = 10.0
+    reload_bundles: list[Path] = field(default_factory=list)  # alternatives the model is reloaded with
+    reload_every: float = 5.0  # seconds between reloads
+    original_bundle: Path | None = None  # the bundle served at the start (--model-dir), reloaded in turn
 
 
 @dataclass
@@ -80,7 +88,9 @@ class StressReport:
     seed: int
     counts: dict[str, Counter] = field(default_factory=dict)  # kind -> status code name -> requests
     latencies_ms: list[float] = field(default_factory=list)  # valid requests answered OK
-    verified: int = 0  # (model, options, text) answers compared with the text sent alone
+    verified: int = 0  # (model, version, options, text) answers compared with the text sent alone
+    versions: Counter = field(default_factory=Counter)  # model_version -> OK Translate answers
+    reloads: ReloadStats | None = None  # with --reload-bundle
     rss_before_mb: float | None = None
     rss_after_mb: float | None = None
     health_checks: int = 0
@@ -104,7 +114,8 @@ class StressReport:
                 "counts": {k: dict(c) for k, c in self.counts.items()}, "p50_ms": self.percentile(50),
                 "p99_ms": self.percentile(99), "valid_ok": len(self.latencies_ms), "verified": self.verified,
                 "rss_before_mb": self.rss_before_mb, "rss_after_mb": self.rss_after_mb,
-                "health_checks": self.health_checks, "failures": self.failures}
+                "health_checks": self.health_checks, "versions": dict(self.versions),
+                "reloads": self.reloads.to_json() if self.reloads else None, "failures": self.failures}
 
     def table(self) -> str:
         names = sorted({c for counts in self.counts.values() for c in counts}, key=lambda c: (c != "OK", c))
@@ -127,6 +138,7 @@ class StressReport:
         if before is not None and after is not None:
             lines.append(f"server RSS: {before:.1f} MiB after warm-up, {after:.1f} MiB at the end "
                          f"({after - before:+.1f} MiB)")
+        lines += summary(self.reloads, self.versions)
         lines += [f"FAIL: {f}" for f in self.failures[:20]]
         if len(self.failures) > 20:
             lines.append(f"... and {len(self.failures) - 20} more failures")
@@ -187,9 +199,14 @@ class StressRun:
             return
         response = pb.TranslateResponse.FromString(body)
         problems = check_response(plan, response)
+        version = response.model_version
+        if not version and self.config.reload_bundles:
+            problems.append(f"{plan.request.request_id}: no model_version: versions cannot be told apart")
+        with self.lock:
+            self.report.versions[version] += 1
         options = plan.request.options.SerializeToString()
         for text, t in zip(plan.request.texts, response.translations):
-            problem = self.book.record(response.model, options, text, answer_of(t))
+            problem = self.book.record(response.model, version, options, text, answer_of(t))
             if problem:
                 problems.append(problem)
         for p in problems:
@@ -243,14 +260,17 @@ class StressRun:
                       max_source_tokens=min(m.max_source_tokens for m in info.models),
                       models=[(m.name, m.source_language, m.target_language) for m in info.models])
 
-    def alone(self, model: str, options: bytes, text: str) -> Answer | str:
-        """The answer to one text sent alone (or why there is none)."""
+    def alone(self, model: str, version: str, options: bytes, text: str) -> Answer | str:
+        """The answer of `version` to one text sent alone (or why there is none)."""
         request = pb.TranslateRequest(request_id="alone", texts=[text], model=model,
                                       options=pb.DecodingOptions.FromString(options))
         code, _, body = self.call(Plan("valid", "alone", codes("OK"), request.SerializeToString()))
         if body is None:
             return code
-        return answer_of(pb.TranslateResponse.FromString(body).translations[0])
+        response = pb.TranslateResponse.FromString(body)
+        if response.model_version != version:
+            return f"OK from version {response.model_version[:12]}, not {version[:12]}"
+        return answer_of(response.translations[0])
 
     def warm_up(self, target: Target) -> None:
         """Each preset once, so first-use allocations do not count as growth."""
@@ -262,12 +282,16 @@ class StressRun:
                 raise StressError(f"{self.config.address}: a warm-up request failed with {code}")
 
     def verify(self) -> None:
-        """Send each recorded text alone (a seeded sample beyond verify_max) and compare the answers."""
-        keys = sorted(self.book.answers)
+        """Send each text the serving versions answered alone (a seeded sample beyond verify_max) and
+        compare the answers; answers of versions replaced by a reload are not sent again."""
+        serving = model_versions(self.channel, self.metadata)
+        # "": a server that does not name versions (so run without reloads)
+        keys = sorted(k for k in self.book.answers if k[1] in (serving.get(k[0]), ""))
         if len(keys) > self.config.verify_max:
             keys = random.Random(self.config.seed).sample(keys, self.config.verify_max)
-        for model, options, text in keys:
-            got, want = self.book.answers[(model, options, text)], self.alone(model, options, text)
+        for model, version, options, text in keys:
+            got, want = self.book.answers[(model, version, options, text)], self.alone(model, version,
+                                                                                      options, text)
             if isinstance(want, str):
                 self.fail(f"{text[:40]!r} sent alone failed with {want}")
             elif not same_answer(got, want):
@@ -288,6 +312,13 @@ class StressRun:
         monitor.start()
         workers = [threading.Thread(target=self.worker, args=(target, started + c.seconds), daemon=True)
                    for _ in range(c.concurrency)]
+        reloader = None
+        if c.reload_bundles:
+            reloader = BundleReloader(self.channel, self.metadata, c.original_bundle, c.reload_bundles,
+                                      c.reload_every, self.fail)
+            report.reloads = reloader.stats
+            reloading = threading.Thread(target=reloader.run, args=(self.done,), daemon=True)
+            reloading.start()
         for w in workers:
             w.start()
         for w in workers:
@@ -296,6 +327,10 @@ class StressRun:
         alive = not self.done.is_set()
         self.done.set()
         monitor.join()
+        if reloader is not None:
+            reloading.join()
+            for problem in reloader.final_checks(report.versions):
+                self.fail(problem)
         if alive:
             time.sleep(0.5)  # cancelled work leaves the engine within a step; let the server settle
             report.rss_after_mb = rss_mb(c.server_pid)
@@ -315,6 +350,7 @@ def run_stress(config: StressConfig, model_dir: Path | None = None) -> StressRep
     try:
         if server is not None:
             config.address, config.server_pid = f"127.0.0.1:{server.port}", server.proc.pid
+            config.original_bundle = model_dir
             wait_serving(config.address)
         report = StressRun(config, server).run()
     finally:
@@ -347,15 +383,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--verify-max", type=int, default=2000, help="answers re-checked alone after the load")
     p.add_argument("--texts", type=Path, help="valid texts, one per line (default: generated sentences)")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the server")
+    p.add_argument("--reload-bundle", type=Path, action="append", default=[], metavar="DIR",
+                   help="during the load, reload the model with this bundle (repeatable), in turn with "
+                        "the --model-dir one, and once a corrupt copy; needs --auth-token; server-side paths")
+    p.add_argument("--reload-every", type=float, default=5.0, help="seconds between reloads")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     return p.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    for flag in ("requests", "concurrency", "seconds"):
+    for flag in ("requests", "concurrency", "seconds", "reload_every"):
         if getattr(args, flag) <= 0:
-            raise StressError(f"--{flag} must be positive, got {getattr(args, flag)}")
+            raise StressError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.reload_bundle and not args.auth_token:
+        raise StressError("--reload-bundle needs --auth-token: ReloadModel takes the server's token")
     if args.model_dir is not None and not args.model_dir.is_dir():
         raise StressError(f"--model-dir {args.model_dir}: no such directory")
     lines = args.texts.read_text(encoding="utf-8").splitlines() if args.texts else []
@@ -363,7 +405,8 @@ def main(argv: list[str]) -> int:
     config = StressConfig(address=args.server or "", server_pid=args.server_pid, seed=args.seed,
                           requests=args.requests, seconds=args.seconds, concurrency=args.concurrency,
                           auth_token=args.auth_token, max_rss_growth_mb=args.max_rss_growth_mb,
-                          verify_max=args.verify_max, texts=texts, connect_timeout=args.connect_timeout)
+                          verify_max=args.verify_max, texts=texts, connect_timeout=args.connect_timeout,
+                          reload_bundles=args.reload_bundle, reload_every=args.reload_every)
     report = run_stress(config, args.model_dir)
     print(report.table())
     if args.json is not None:

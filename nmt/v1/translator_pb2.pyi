@@ -87,7 +87,7 @@ class TranslateIncrementalRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., model: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ..., text_options: _Optional[_Union[TextOptions, _Mapping]] = ..., keep_terms: _Optional[_Iterable[str]] = ..., interval: _Optional[int] = ...) -> None: ...
 
 class TranslateIncrementalResponse(_message.Message):
-    __slots__ = ("request_id", "piece", "partial", "step", "final", "translation", "model")
+    __slots__ = ("request_id", "piece", "partial", "step", "final", "translation", "model", "model_version")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PIECE_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class TranslateIncrementalResponse(_message.Message):
     FINAL_FIELD_NUMBER: _ClassVar[int]
     TRANSLATION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     piece: str
     partial: str
@@ -102,7 +103,8 @@ class TranslateIncrementalResponse(_message.Message):
     final: bool
     translation: Translation
     model: str
-    def __init__(self, request_id: _Optional[str] = ..., piece: _Optional[str] = ..., partial: _Optional[str] = ..., step: _Optional[int] = ..., final: _Optional[bool] = ..., translation: _Optional[_Union[Translation, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+    model_version: str
+    def __init__(self, request_id: _Optional[str] = ..., piece: _Optional[str] = ..., partial: _Optional[str] = ..., step: _Optional[int] = ..., final: _Optional[bool] = ..., translation: _Optional[_Union[Translation, _Mapping]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Hypothesis(_message.Message):
     __slots__ = ("text", "tokens", "score", "log_prob", "alignment")
@@ -137,16 +139,18 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class TranslateResponse(_message.Message):
-    __slots__ = ("request_id", "translations", "model", "error")
+    __slots__ = ("request_id", "translations", "model", "error", "model_version")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSLATIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     translations: _containers.RepeatedCompositeFieldContainer[Translation]
     model: str
     error: Error
-    def __init__(self, request_id: _Optional[str] = ..., translations: _Optional[_Iterable[_Union[Translation, _Mapping]]] = ..., model: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, request_id: _Optional[str] = ..., translations: _Optional[_Iterable[_Union[Translation, _Mapping]]] = ..., model: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

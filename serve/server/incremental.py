@@ -74,8 +74,8 @@ def _stream(servicer: TranslatorServicer, request: pb.TranslateIncrementalReques
     pieces = PieceStream(p.model.translator.tokenizer, interval, beam=p.options.beam_size > 1,
                          render=aligned.render if aligned is not None else None)
     restorer = p.plan.restorer(0)  # placeholders put back piece by piece (none when placed by alignment)
-    future = p.model.scheduler.submit(p.sources, p.plan.engine_options(p.options), stop,
-                                      prefixes=p.plan.prefixes, listener=pieces)
+    future, p.version = p.model.scheduler.submit_on(p.sources, p.plan.engine_options(p.options), stop,
+                                                    prefixes=p.plan.prefixes, listener=pieces)
     # A cancelled call is not resumed by grpc: its outcome is recorded when the loop drops the text.
     def ended(f: Future) -> None:
         exc = f.exception()
@@ -89,7 +89,7 @@ def _stream(servicer: TranslatorServicer, request: pb.TranslateIncrementalReques
         partial = p.plan.restorer(0).restore(u.partial) if p.plan.masked[0].originals else u.partial
         return pb.TranslateIncrementalResponse(
             request_id=request.request_id, piece=restorer.feed(u.piece, final=u.final), partial=partial,
-            step=u.step, final=u.final, model=p.model.name)
+            step=u.step, final=u.final, model=p.model.name, model_version=p.version)
 
     step = 0
     while True:

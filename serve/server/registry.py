@@ -79,6 +79,12 @@ class Handoff:
 
     def submit(self, sources: list[list[int]], options: Any, stop: Any, block: bool = False,
                **extra: Any) -> Any:
+        return self.submit_on(sources, options, stop, block, **extra)[0]
+
+    def submit_on(self, sources: list[list[int]], options: Any, stop: Any, block: bool = False,
+                  **extra: Any) -> tuple[Any, str]:
+        """As submit, with the version (manifest checksum) that takes the texts: this one, or the
+        successor once this one has closed, so a response names the version that really translated."""
         with self._lock:
             successor = self._successor if self._closed else None
             if self._closed and successor is None:
@@ -86,9 +92,10 @@ class Handoff:
             if successor is None:
                 self._active += 1
         if successor is not None:
-            return successor.submit(sources, options, stop, block, **extra)
+            return successor.submit_on(sources, options, stop, block, **extra)
         try:
-            return self.inner.submit(sources, options, stop, block=block, **extra)
+            return (self.inner.submit(sources, options, stop, block=block, **extra),
+                    self.translator.manifest.checksum)
         finally:
             with self._lock:
                 self._active -= 1

@@ -46,6 +46,7 @@ class Prepared:
     sources: list[list[int]]
     options: DecodeOptions
     plan: TextPlan  # per-text prefixes and protected spans
+    version: str = ""  # the model version that took the texts (set on submission: a reload may intervene)
 
 
 @dataclass
@@ -113,7 +114,7 @@ class TranslatorServicer:
                                        hypotheses=[hypothesis_to_proto(x, p.options) for x in h])
                         for s, h in zip(p.sources, hyps)]
         return pb.TranslateResponse(request_id=request.request_id, model=p.model.name,
-                                    translations=translations)
+                                    translations=translations, model_version=p.version)
 
     @contextmanager
     def _recorded(self, call: Call) -> Iterator[Call]:
@@ -144,8 +145,9 @@ class TranslatorServicer:
         with self._recorded(Call("Translate", request)) as call:
             p = self._prepare(request)
             call.model = p.model.name
-            hyps = p.model.scheduler.submit(p.sources, p.plan.engine_options(p.options), stop_signal(context),
-                                            prefixes=p.plan.prefixes).result()
+            future, p.version = p.model.scheduler.submit_on(p.sources, p.plan.engine_options(p.options),
+                                                            stop_signal(context), prefixes=p.plan.prefixes)
+            hyps = future.result()
             assert not isinstance(request, Malformed)  # _prepare refused it
             return self._response(request, p, hyps)
 
@@ -171,8 +173,9 @@ class TranslatorServicer:
                     item = StreamItem(request, time.monotonic())
                     try:
                         item.prepared = p = self._prepare(request)
-                        item.future = p.model.scheduler.submit(p.sources, p.plan.engine_options(p.options),
-                                                               stop, block=True, prefixes=p.plan.prefixes)
+                        item.future, p.version = p.model.scheduler.submit_on(
+                            p.sources, p.plan.engine_options(p.options), stop, block=True,
+                            prefixes=p.plan.prefixes)
                     except Exception as exc:
                         item.error = exc
                     if not put(item):

@@ -18,6 +18,7 @@ from test_server_process import ServerProcess, metric, wait_serving
 from nmt.bundle import ENCODER_FILE, MANIFEST_FILE, read_manifest
 from nmt.decoding import DecodeOptions, StopSignal
 from nmt.files import sha256_file
+from nmt.v1 import translator_pb2 as pb
 from serve.protocol.client import TranslatorClient
 from serve.protocol.errors import TranslatorError
 from serve.server.metrics import Metrics
@@ -127,6 +128,29 @@ def test_reload_under_load_fails_no_request_and_switches_versions(tiny_bundle, t
     assert all(out == new[s:s + 3] for s, out in after)
 
 
+def test_each_response_names_the_version_that_translated_it(tiny_bundle, tiny_bundle_v2, expected):
+    def answered(client: TranslatorClient) -> list[tuple[str, str]]:
+        """(model_version, text) of a Translate, a TranslateStream and a TranslateIncremental answer."""
+        md = client.metadata
+        one = client.stub.Translate(pb.TranslateRequest(texts=TEXTS[:1]), timeout=30, metadata=md)
+        streamed = next(iter(client.stub.TranslateStream(iter([pb.TranslateRequest(texts=TEXTS[:1])]),
+                                                         timeout=30, metadata=md)))
+        final = list(client.stub.TranslateIncremental(pb.TranslateIncrementalRequest(text=TEXTS[0]),
+                                                      timeout=30, metadata=md))[-1]
+        return [(one.model_version, one.translations[0].text),
+                (streamed.model_version, streamed.translations[0].text),
+                (final.model_version, final.translation.text)]
+
+    with reloadable(tiny_bundle) as (server, client, name):
+        before = versions(client)
+        assert before == [read_manifest(tiny_bundle).checksum]
+        assert answered(client) == [(before[0], expected[0][0])] * 3
+        client.reload_model(name, str(tiny_bundle_v2))
+        after = versions(client)
+        assert after == [read_manifest(tiny_bundle_v2).checksum] != before
+        assert answered(client) == [(after[0], expected[1][0])] * 3
+
+
 @pytest.mark.parametrize("keep_checksums", [False, True], ids=["checksum-mismatch", "unloadable-onnx"])
 def test_a_broken_bundle_is_refused_and_the_old_one_keeps_serving(tiny_bundle, tmp_path, expected,
                                                                  keep_checksums):
@@ -189,8 +213,9 @@ def test_a_request_that_resolved_the_old_version_after_it_closed_goes_to_the_new
         time.sleep(0.02)  # the old version's loop has closed
     assert not straggler.scheduler.inner._thread.is_alive()
     sources = straggler.translator.tokenize(TEXTS[:4])  # same tokenizer in both bundles: handed over
-    hyps = straggler.scheduler.submit(sources, DecodeOptions(), StopSignal()).result(timeout=30)
-    assert [h[0].text for h in hyps] == expected[1][:4]
+    future, version = straggler.scheduler.submit_on(sources, DecodeOptions(), StopSignal())
+    assert [h[0].text for h in future.result(timeout=30)] == expected[1][:4]
+    assert version == new.version != straggler.version  # the version that ran it, not the one asked
     registry.close(timeout=10)
 
 

@@ -24,6 +24,7 @@ from bench.stress.run import (
     plan_request,
     wait_serving,
 )
+from nmt.bundle import read_manifest
 from nmt.cli import run_command
 from nmt.v1 import translator_pb2 as pb
 
@@ -86,10 +87,12 @@ def test_mixed_up_answers_are_caught():
 
     book = AnswerBook()
     answer = (((5,), "x", -1.0, -2.0),)
-    assert book.record("m", b"", "a", answer) is None
-    assert book.record("m", b"", "a", (((5,), "x", -1.0 + 1e-6, -2.0),)) is None  # float noise is fine
-    assert "differ" in book.record("m", b"", "a", (((6,), "y", -1.0, -2.0),))
-    assert book.record("m", b"\x08\x02", "a", (((7,), "z", math.nan, math.nan),)) is None  # other options
+    assert book.record("m", "v1", b"", "a", answer) is None
+    assert book.record("m", "v1", b"", "a", (((5,), "x", -1.0 + 1e-6, -2.0),)) is None  # float noise is fine
+    assert "differ" in book.record("m", "v1", b"", "a", (((6,), "y", -1.0, -2.0),))
+    assert book.record("m", "v1", b"\x08\x02", "a", (((7,), "z", math.nan, math.nan),)) is None  # options
+    assert book.record("m", "v2", b"", "a", (((6,), "y", -1.0, -2.0),)) is None  # another version may differ
+    assert "differ" in book.record("m", "v2", b"", "a", answer)
 
 
 def test_a_server_that_dies_mid_run_fails_the_run(tiny_bundle):
@@ -125,3 +128,61 @@ def test_bad_flags_and_no_server_are_one_line(capsys, tmp_path):
                                                             "no such directory"]
     assert run_command("stress", stress.main, ["--server", "127.0.0.1:1", "--concurrency", "0"]) == 2
     assert "--concurrency must be positive" in capsys.readouterr().err
+
+
+def test_reloads_under_load_fail_no_request_and_a_corrupt_bundle_is_refused(tiny_bundle, tiny_bundle_v2,
+                                                                            tmp_path, capsys):
+    texts = tmp_path / "texts.en"
+    texts.write_text("\n".join(read_lines("test_2016_flickr", "en", 60)) + "\n")
+    out = tmp_path / "stress.json"
+    argv = ["--model-dir", str(tiny_bundle), "--seed", "11", "--requests", "100000", "--seconds", "7",
+            "--concurrency", "4", "--auth-token", "s3cret", "--texts", str(texts), "--verify-max", "60",
+            "--reload-bundle", str(tiny_bundle_v2), "--reload-every", "1.2", "--json", str(out),
+            # Each reload grows the server's RSS (tens of MiB here, see README Reliability): the plain
+            # run above holds the memory bound, this one is about requests and versions.
+            "--max-rss-growth-mb", "4096"]
+    rc = run_command("stress", stress.main, argv)
+    table = capsys.readouterr().out
+    print(table)
+    assert rc == 0, table
+    report = json.loads(out.read_text())
+    assert report["passed"] and report["failures"] == []
+    allowed = {kind: set() for kind in KINDS}
+    for i in range(2000):  # the codes each kind may get, from the plans themselves
+        plan = plan_request(0, i, TARGET, [], True)
+        allowed[plan.kind] |= plan.allowed
+    for kind, counts in report["counts"].items():
+        assert set(counts) <= allowed[kind], (kind, counts)
+    unexpected = ("INTERNAL", "UNKNOWN", "UNAVAILABLE")
+    assert not any(code in c for c in report["counts"].values() for code in unexpected)
+    assert report["counts"]["valid"].get("OK", 0) > 0
+    old, new = read_manifest(tiny_bundle).checksum, read_manifest(tiny_bundle_v2).checksum
+    assert set(report["versions"]) == {old, new} and min(report["versions"].values()) > 0
+    reloads = report["reloads"]
+    assert reloads["corrupt_tried"] == reloads["refused"] == 1
+    assert reloads["done"] >= 1 and reloads["done"] + reloads["unchanged"] >= 2, reloads
+    assert report["verified"] > 0
+    assert "corrupt copy refused 1 of 1" in table and old[:12] in table and new[:12] in table
+
+
+def test_a_run_without_a_reload_in_it_fails(tiny_bundle, tiny_bundle_v2):
+    server = ServerProcess(tiny_bundle, "s3cret")
+    try:
+        wait_serving(f"127.0.0.1:{server.port}")
+        config = StressConfig(address=f"127.0.0.1:{server.port}", seed=2, requests=20, seconds=30,
+                              concurrency=2, auth_token="s3cret", reload_bundles=[tiny_bundle_v2],
+                              reload_every=300, original_bundle=tiny_bundle)
+        report = StressRun(config, server).run()
+    finally:
+        server.stop(0)
+    assert not report.passed and report.reloads is not None and report.reloads.tried_corrupt == 0
+    assert any("no reload was tried" in f for f in report.failures), report.failures
+    assert any("1 version(s) answered" in f for f in report.failures), report.failures
+
+
+def test_reload_flags_are_checked(capsys, tmp_path, tiny_bundle):
+    argv = ["--server", "127.0.0.1:1", "--reload-bundle", str(tiny_bundle)]
+    assert run_command("stress", stress.main, argv) == 2
+    assert "--reload-bundle needs --auth-token" in capsys.readouterr().err
+    assert run_command("stress", stress.main, argv + ["--auth-token", "t", "--reload-every", "0"]) == 2
+    assert "--reload-every must be positive" in capsys.readouterr().err
