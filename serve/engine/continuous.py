@@ -154,6 +154,11 @@ class ContinuousScheduler:
             self._thread.start()
 
     @property
+    def stopped(self) -> bool:
+        """Closed and its thread gone: nothing runs on the engine any more."""
+        return self._closing and not self._thread.is_alive()
+
+    @property
     def queued(self) -> int:
         with self._cond:
             return len(self._queue)

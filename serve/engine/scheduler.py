@@ -155,6 +155,11 @@ class BatchScheduler:
         self._thread.start()
 
     @property
+    def stopped(self) -> bool:
+        """Closed and its thread gone: nothing runs on the engine any more."""
+        return self._closing and not self._thread.is_alive()
+
+    @property
     def queued(self) -> int:
         """Texts waiting for the engine."""
         with self._cond:

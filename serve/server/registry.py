@@ -117,6 +117,8 @@ class Handoff:
                         break
                 time.sleep(idle / 4)
             self.inner.close(timeout)
+            if self.inner.stopped:  # its sessions' memory goes back now, not at some garbage collection
+                self.translator.runtime.release()
             log.info("model %s: version %s closed after its last request", self.translator.name,
                      self.translator.manifest.checksum[:12])
 

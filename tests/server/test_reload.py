@@ -80,6 +80,23 @@ def reloadable(bundle: Path, token: str | None = TOKEN):
         server.drain(grace=0)
 
 
+def test_a_replaced_version_releases_its_sessions_after_its_last_request(tiny_bundle, tiny_bundle_v2):
+    with reloadable(tiny_bundle) as (server, client, name):
+        old = server.registry.models[0].translator
+        before = client.translate(TEXTS[:2], timeout=30)
+        assert client.reload_model(name, str(tiny_bundle_v2)).reloaded
+        deadline = time.monotonic() + 20
+        while hasattr(old.runtime.decoder, "session") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(hasattr(g, "session") for g in (old.runtime.encoder, old.runtime.decoder,
+                                                       old.runtime.reorder))
+        new = server.registry.models[0].translator
+        assert new is not old and hasattr(new.runtime.decoder, "session")
+        after = client.translate(TEXTS[:2], timeout=30)  # served by the new version
+        assert [r.text for r in after] == [r.text for r in new.translate(TEXTS[:2])]
+        assert [r.text for r in after] != [r.text for r in before]
+
+
 def versions(client: TranslatorClient) -> list[str]:
     return [m.version for m in client.model_info(timeout=10).models]
 
