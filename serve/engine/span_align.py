@@ -60,6 +60,9 @@ class AlignedSpans:
     tokenizer: BundleTokenizer
     frozen: int = 0  # target tokens of a forced prefix: the caller's words, never replaced
     nexts: list[int | None] = field(default_factory=list)  # per source id: the span it comes right after
+    # Decoded token prefixes: a stream renders its growing candidates at every step, and they share
+    # their prefixes, so each is decoded once (the render costs a handful of decodes, not one per token).
+    _decoded: dict[tuple[int, ...], str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, text: str, spans: Sequence[Span], tokenizer: BundleTokenizer, frozen: int = 0
@@ -79,6 +82,12 @@ class AlignedSpans:
                     break
                 j += 1
         return cls(text, list(spans), owners + [None], tokenizer, frozen, nexts)
+
+    def _decode(self, tokens: tuple[int, ...]) -> str:
+        text = self._decoded.get(tokens)
+        if text is None:
+            text = self._decoded[tokens] = self.tokenizer.decode(tokens)
+        return text
 
     def span_text(self, k: int) -> str:
         return self.text[self.spans[k].start:self.spans[k].end]
@@ -109,7 +118,7 @@ class AlignedSpans:
               ) -> tuple[str, int]:
         """`render`, and how many spans went to the fallback place (no word copied or aligned)."""
         tokens = list(tokens)
-        prefixes = [self.tokenizer.decode(tokens[:j]) for j in range(len(tokens) + 1)]
+        prefixes = [self._decode(tuple(tokens[:j])) for j in range(len(tokens) + 1)]
         text = prefixes[-1]
         missing = [self.span_text(k) for k in range(len(self.spans))]
         if alignment is None or len(alignment) != len(tokens) or not all(map(text.startswith, prefixes)):
