@@ -70,7 +70,7 @@ def _stream(servicer: TranslatorServicer, request: pb.TranslateIncrementalReques
         raise InvalidRequest(f"interval must be >= 1 decoder step, got {interval}")
     p = servicer._prepare(single)
     call.model = p.model.name
-    aligned = p.plan.aligned[0] if p.plan.aligned else None
+    aligned = p.plan.aligned[0]
     pieces = PieceStream(p.model.translator.tokenizer, interval, beam=p.options.beam_size > 1,
                          render=aligned.render if aligned is not None else None)
     restorer = p.plan.restorer(0)  # placeholders put back piece by piece (none when placed by alignment)

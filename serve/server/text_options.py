@@ -40,23 +40,21 @@ class TextPlan:
     def restorer(self, i: int) -> Restorer:
         return self.masked[i].restorer()
 
+    def streamed(self, i: int, h: Hypothesis) -> str:
+        """The final text a stream of text i is told before its placeholders are put back piece by
+        piece: spans placed by alignment are already in it (the stream renders them too)."""
+        aligned = self.aligned[i]
+        return aligned.render(h.tokens, h.alignment) if aligned is not None else h.text
+
     def render(self, i: int, h: Hypothesis) -> str:
         """The text of a hypothesis of text i with its spans in it (tokens stay the model's)."""
-        aligned = self.aligned[i] if self.aligned else None
-        if aligned is not None:
-            return aligned.render(h.tokens, h.alignment)
-        return self.restorer(i).restore(h.text) if self.masked[i].originals else h.text
-
-    def streamed(self, i: int, h: Hypothesis) -> str:
-        """The final text a stream of text i is told before its spans are restored piece by piece:
-        already rendered when they are placed by alignment (the stream renders them too)."""
-        aligned = self.aligned[i] if self.aligned else None
-        return aligned.render(h.tokens, h.alignment) if aligned is not None else h.text
+        text = self.streamed(i, h)
+        return self.restorer(i).restore(text) if self.masked[i].originals else text
 
     def restore(self, i: int, hyps: list[Hypothesis]) -> list[Hypothesis]:
         """The hypotheses of text i with its spans in their text; new objects, since a cache or a
         repeated text of the request may share them."""
-        if (self.aligned and self.aligned[i] is not None) or self.masked[i].originals:
+        if self.aligned[i] is not None or self.masked[i].originals:
             return [replace(h, text=self.render(i, h)) for h in hyps]
         return hyps
 
