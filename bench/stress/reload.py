@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.stress.server import StressError
+from bench.stress.server import StressError, model_info
 from nmt.bundle import ENCODER_FILE, BundleError, read_manifest
 from nmt.v1 import translator_pb2 as pb
 from serve.protocol.convert import SERVICE
@@ -72,11 +72,7 @@ def corrupt_copy(bundle: Path, out: Path) -> Path:
 
 def model_versions(channel: grpc.Channel, metadata: list[tuple[str, str]]) -> dict[str, str]:
     """Model name -> the version the server serves now (GetModelInfo)."""
-    rpc = channel.unary_unary(f"/{SERVICE}/GetModelInfo",
-                              request_serializer=pb.GetModelInfoRequest.SerializeToString,
-                              response_deserializer=pb.GetModelInfoResponse.FromString)
-    info = rpc(pb.GetModelInfoRequest(), timeout=30, metadata=metadata)
-    return {m.name: m.version for m in info.models}
+    return {m.name: m.version for m in model_info(channel, metadata, timeout=30).models}
 
 
 class BundleReloader:

@@ -57,7 +57,7 @@ from bench.stress.plan import (
     same_answer,
 )
 from bench.stress.reload import BundleReloader, ReloadStats, model_versions, summary
-from bench.stress.server import ServerProcess, StressError, rss_mb, wait_serving
+from bench.stress.server import ServerProcess, StressError, model_info, rss_mb, wait_serving
 from nmt.v1 import translator_pb2 as pb
 from serve.protocol.convert import SERVICE
 
@@ -246,10 +246,8 @@ class StressRun:
                 self.done.set()
 
     def target(self) -> Target:
-        rpc = self.channel.unary_unary(f"/{SERVICE}/GetModelInfo",
-                                       response_deserializer=pb.GetModelInfoResponse.FromString)
         try:
-            info = rpc(b"", timeout=10, metadata=self.metadata)
+            info = model_info(self.channel, self.metadata, timeout=10)
         except grpc.RpcError as e:
             raise StressError(f"{self.config.address}: GetModelInfo failed: {e.code().name}: "
                               f"{e.details()}") from None

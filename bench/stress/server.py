@@ -15,6 +15,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nmt.errors import UserError
+from nmt.v1 import translator_pb2 as pb
+from serve.protocol.convert import SERVICE
 
 
 class StressError(UserError):
@@ -85,6 +87,15 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def model_info(channel: grpc.Channel, metadata: list[tuple[str, str]], timeout: float
+               ) -> pb.GetModelInfoResponse:
+    """GetModelInfo: the served models (name, languages, version) and the server's limits."""
+    rpc = channel.unary_unary(f"/{SERVICE}/GetModelInfo",
+                              request_serializer=pb.GetModelInfoRequest.SerializeToString,
+                              response_deserializer=pb.GetModelInfoResponse.FromString)
+    return rpc(pb.GetModelInfoRequest(), timeout=timeout, metadata=metadata)
 
 
 def wait_serving(address: str, timeout: float = 120.0) -> None:
