@@ -12,6 +12,7 @@ tokens/s, greedy and beam 4. `same` says whether a variant's tokens equal the fi
 A variant is NAME=BUNDLE[:flag,...]; flags switch one engine lever off or on for that variant:
   spin      ORT worker threads spin waiting for work between runs (ORT's default; the engine's is off)
   expand    beam search copies the cross-attention K/V per beam (as before grouped_cross_kv was used)
+  concat    the concatenating decoder instead of the bundle's slot decoder (as before slot_cache)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from nmt.pair_tokenizer import load_bundle_tokenizer
 from serve.engine.runtime import Runtime
 from serve.engine.translator import EngineConfig, Translator
 
-FLAGS = ("spin", "expand")
+FLAGS = ("spin", "expand", "concat")
 MODES = [("greedy", 1), ("beam 4", 4)]
 
 
@@ -52,7 +53,8 @@ def load_variant(spec: str, threads: int) -> Variant:
         raise SystemExit(f"bad --variant {spec!r}: expected NAME=BUNDLE[:{','.join(FLAGS)}]")
     manifest = read_manifest(path)
     spinning = None if "spin" in flags else False
-    runtime = Runtime(Path(path), manifest, "cpu", threads, None, "all", allow_spinning=spinning)
+    runtime = Runtime(Path(path), manifest, "cpu", threads, None, "all", allow_spinning=spinning,
+                      slot_cache="concat" not in flags)
     runtime.grouped_cross = runtime.grouped_cross and "expand" not in flags
     tokenizer = load_bundle_tokenizer(path, manifest.raw)
     translator = Translator(runtime, manifest, tokenizer, EngineConfig(device="cpu"))

@@ -124,6 +124,21 @@ class Builder:
         y = self.one("MatMul", [out[0], w_out])
         return y, out
 
+    def slot_self_attention(self, h: str, attn: Any, prefix: str, heads: int, head_dim: int,
+                            cache: list[str], outputs: list[str]) -> str:
+        """Self-attention over a preallocated cache written in place: GroupQueryAttention with as
+        many K/V heads as query heads (plain MHA) on the packed, biased Q/K/V; `cache` = past key,
+        past value, seqlens_k, total_sequence_length. Per-row lengths, no mask, no concatenation."""
+        s = 1.0 / math.sqrt(head_dim)
+        w = torch.cat([attn.q_proj.weight * s, attn.k_proj.weight, attn.v_proj.weight], 0)  # (3D, D)
+        bias = torch.cat([attn.q_proj.bias * s, attn.k_proj.bias, attn.v_proj.bias])  # (3D,)
+        qkv = self.one("MatMul", [h, self.weight(f"{prefix}.qkv.weight", w.detach().float().T)])
+        qkv = self.one("Add", [qkv, self.weight(f"{prefix}.qkv.bias", bias.detach().float())])  # (R, 1, 3D)
+        out = self.op("GroupQueryAttention", [qkv, "", "", *cache], outputs=outputs, domain=MS,
+                      num_heads=heads, kv_num_heads=heads, scale=1.0)
+        w_out = self.weight(f"{prefix}.out.weight", attn.out_proj.weight.detach().float().T)
+        return self.one("MatMul", [out[0], w_out])
+
 
 def cross_probs(b: Builder, qg: str, key: str, src_bias: str, q: str, heads: int, head_dim: int,
                 opset: int) -> str:
@@ -147,9 +162,11 @@ def cross_probs(b: Builder, qg: str, key: str, src_bias: str, q: str, heads: int
     return b.one("Unsqueeze", [mean, b.const([1])])  # (R, 1, T, S)
 
 
-def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bool = True) -> None:
+def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bool = True,
+                  slots: bool = False) -> None:
     """The decoder with nmt.bundle's decoder IO and the alignment output (cross_attention, stripped
-    from decoder.onnx by the exporter as for traced graphs), written with fused ops (pre-norm only)."""
+    from decoder.onnx by the exporter as for traced graphs), written with fused ops (pre-norm only).
+    slots: decoder_slots.onnx instead (nmt.bundle's slot decoder IO; no alignment output)."""
     cfg = model.cfg
     L, H, Dh, D = cfg.n_decoder_layers, cfg.n_heads, cfg.head_dim, cfg.d_model
     b = Builder(skip_layernorm)
@@ -157,24 +174,30 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
     pos = b.weight("positions", model.pos.table)
     tok = b.one("Gather", [emb, sb.INPUT_IDS])  # (R, T, D)
     pe = b.one("Gather", [pos, sb.POSITION_IDS])  # (R, T, D)
-    # The self-attention mask becomes MHA's additive bias (R, 1, T, P+T), shared by every layer.
     neg = b.weight("mask_fill", np.array(-1e30, np.float32))
     zero = b.weight("zero", np.array(0.0, np.float32))
-    self_bias = b.one("Unsqueeze", [b.one("Where", [sb.SELF_ATTENTION_MASK, zero, neg]), b.const([1])])
+    if not slots:  # the self-attention mask becomes MHA's additive bias (R, 1, T, P+T), shared by every layer
+        self_bias = b.one("Unsqueeze", [b.one("Where", [sb.SELF_ATTENTION_MASK, zero, neg]), b.const([1])])
     src_mask = b.one("Cast", [sb.ENCODER_ATTENTION_MASK], to=TensorProto.INT32)  # (Bc, S)
     # Cross-attention query layout: (Bc, -1, D) where Bc = the cross K/V's rows (see the module doc).
     q_shape = b.one("Concat", [b.one("Slice", [b.one("Shape", [sb.past_name(0, "encoder", "key")]),
                                                b.const([0]), b.const([1])]), b.const([-1, D])], axis=0)
-    src_bias = b.one("Unsqueeze", [b.one("Where", [sb.ENCODER_ATTENTION_MASK, zero, neg]),
-                                   b.const([1, 2])])  # (Bc, 1, 1, S), for the alignment probabilities
+    src_bias = "" if slots else b.one("Unsqueeze", [b.one("Where", [sb.ENCODER_ATTENTION_MASK, zero, neg]),
+                                                    b.const([1, 2])])  # (Bc, 1, 1, S), for the alignments
     layers: list[Any] = list(model.decoder_layers)
     align: list[str] = []  # per layer (R, 1, T, S)
     h, x = b.skip_norm(tok, pe, layers[0].res_self.norm, None, "dec.0.ln_self")
     for i, layer in enumerate(layers):
         p = f"dec.{i}"
         presents = [sb.present_name(i, "decoder", w) for w in ("key", "value")]
-        extra = ["", self_bias, sb.past_name(i, "decoder", "key"), sb.past_name(i, "decoder", "value")]
-        y, _ = b.self_attention(h, layer.self_attn, f"{p}.self", H, Dh, extra, [f"{p}.self.out", *presents])
+        past = [sb.past_name(i, "decoder", "key"), sb.past_name(i, "decoder", "value")]
+        if slots:
+            lengths = [sb.SEQLENS_K, sb.TOTAL_SEQUENCE_LENGTH]
+            y = b.slot_self_attention(h, layer.self_attn, f"{p}.self", H, Dh, [*past, *lengths],
+                                      [f"{p}.self.out", *presents])
+        else:
+            y, _ = b.self_attention(h, layer.self_attn, f"{p}.self", H, Dh, ["", self_bias, *past],
+                                    [f"{p}.self.out", *presents])
         out_bias = b.weight(f"{p}.self.out.bias", layer.self_attn.out_proj.bias)
         h, x = b.skip_norm(y, x, layer.res_cross.norm, out_bias, f"{p}.ln_cross")
         ca = layer.cross_attn
@@ -182,7 +205,8 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
         qg = b.one("Reshape", [q, q_shape])  # (Bc, rows_per_source * T, D)
         cross_kv = [sb.past_name(i, "encoder", "key"), sb.past_name(i, "encoder", "value")]
         att = b.one("MultiHeadAttention", [qg, *cross_kv, "", src_mask], domain=MS, num_heads=H, scale=1.0)
-        align.append(cross_probs(b, qg, cross_kv[0], src_bias, q, H, Dh, opset))
+        if not slots:
+            align.append(cross_probs(b, qg, cross_kv[0], src_bias, q, H, Dh, opset))
         att = b.one("Reshape", [att, b.one("Shape", [q])])  # (R, T, D)
         y = b.one("MatMul", [att, b.weight(f"{p}.cross.out.weight", ca.out_proj.weight.detach().float().T)])
         nxt = layers[i + 1].res_self.norm if i + 1 < L else model.decoder_norm
@@ -194,13 +218,19 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
     b.op("LogSoftmax", [b.one("MatMul", [h, gen])], outputs=[sb.LOG_PROBS], axis=-1)
     last = b.one("Gather", [sb.LOG_PROBS, b.weight("last", np.array(-1, np.int64))], axis=1)  # (R, V)
     b.op("TopK", [last, sb.TOP_K], outputs=[sb.TOPK_VALUES, sb.TOPK_INDICES], axis=-1)
-    b.op("Concat", align, outputs=[sb.CROSS_ATTENTION], axis=1)  # (R, L, T, S)
-    kv: list[str | int] = ["batch", H, "past_len", Dh]
+    if not slots:
+        b.op("Concat", align, outputs=[sb.CROSS_ATTENTION], axis=1)  # (R, L, T, S)
+    kv: list[str | int] = ["batch", H, "max_len" if slots else "past_len", Dh]
     cross: list[str | int] = ["src_batch", H, "src_len", Dh]
     inputs = [helper.make_tensor_value_info(sb.INPUT_IDS, INT64, ["batch", "new_len"]),
-              helper.make_tensor_value_info(sb.POSITION_IDS, INT64, ["batch", "new_len"]),
-              helper.make_tensor_value_info(sb.SELF_ATTENTION_MASK, BOOL, ["batch", "new_len", "total_len"]),
-              helper.make_tensor_value_info(sb.ENCODER_ATTENTION_MASK, BOOL, ["src_batch", "src_len"])]
+              helper.make_tensor_value_info(sb.POSITION_IDS, INT64, ["batch", "new_len"])]
+    if slots:
+        inputs += [helper.make_tensor_value_info(sb.SEQLENS_K, TensorProto.INT32, ["batch"]),
+                   helper.make_tensor_value_info(sb.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [1])]
+    else:
+        inputs.append(helper.make_tensor_value_info(sb.SELF_ATTENTION_MASK, BOOL,
+                                                    ["batch", "new_len", "total_len"]))
+    inputs.append(helper.make_tensor_value_info(sb.ENCODER_ATTENTION_MASK, BOOL, ["src_batch", "src_len"]))
     for i in range(L):
         for kind, shape in (("decoder", kv), ("encoder", cross)):
             for w in ("key", "value"):
@@ -209,12 +239,13 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
     outputs = [helper.make_tensor_value_info(sb.LOG_PROBS, FLOAT, ["batch", "new_len", cfg.tgt_vocab_size]),
                helper.make_tensor_value_info(sb.TOPK_VALUES, FLOAT, ["batch", "k"]),
                helper.make_tensor_value_info(sb.TOPK_INDICES, INT64, ["batch", "k"])]
-    present: list[str | int] = ["batch", H, "total_len", Dh]
+    present: list[str | int] = ["batch", H, "max_len" if slots else "total_len", Dh]
     outputs += [helper.make_tensor_value_info(sb.present_name(i, "decoder", w), FLOAT, present)
                 for i in range(L) for w in ("key", "value")]
-    align_shape: list[str | int] = ["batch", L, "new_len", "src_len"]
-    outputs.append(helper.make_tensor_value_info(sb.CROSS_ATTENTION, FLOAT, align_shape))
-    save(b, inputs, outputs, path, opset, "nmt fused decoder")
+    if not slots:
+        align_shape: list[str | int] = ["batch", L, "new_len", "src_len"]
+        outputs.append(helper.make_tensor_value_info(sb.CROSS_ATTENTION, FLOAT, align_shape))
+    save(b, inputs, outputs, path, opset, "nmt fused slot decoder" if slots else "nmt fused decoder")
 
 
 def fused_encoder(model: Transformer, path: Path, opset: int, skip_layernorm: bool = True) -> None:

@@ -35,8 +35,9 @@ from train.model import Transformer
 DTYPES = ("fp32", "fp16", "int8")
 DEFAULT_OPSET = 17  # well covered by ONNX Runtime's CPU and CUDA kernels and by the TorchScript exporter
 OPSETS = range(13, 22)  # the opsets this exporter was checked with
-GRAPH_FILES = (sb.ENCODER_FILE, sb.DECODER_FILE, sb.DECODER_ALIGNMENTS_FILE, sb.REORDER_FILE)
-GRAPH_KINDS = ("encoder", "decoder", "decoder_alignments", "reorder")
+GRAPHS = {"encoder": sb.ENCODER_FILE, "decoder": sb.DECODER_FILE,  # kind -> file (the last one optional)
+          "decoder_alignments": sb.DECODER_ALIGNMENTS_FILE, "reorder": sb.REORDER_FILE,
+          "decoder_slots": sb.DECODER_SLOTS_FILE}
 GRAPH_STYLES = ("auto", "fused", "traced")
 
 
@@ -112,9 +113,13 @@ def fused_style(style: str, dtype: str, model: Transformer) -> bool:
     return style == "fused" or dtype != "fp16"
 
 
-def write_fused(model: Transformer, out_dir: Path, opset: int) -> None:
+def write_fused(model: Transformer, out_dir: Path, opset: int, slots: bool) -> None:
+    """slots: also the slot decoder, for fp32/int8 (its runtime path is the CPU one: ONNX Runtime's
+    CUDA GroupQueryAttention takes fp16/bf16 only, and the fp16 bundles keep the traced graphs)."""
     fused_encoder(model, out_dir / sb.ENCODER_FILE, opset)
     fused_decoder(model, out_dir / sb.DECODER_FILE, opset)
+    if slots:
+        fused_decoder(model, out_dir / sb.DECODER_SLOTS_FILE, opset, slots=True)
 
 
 def quantize_int8(out_dir: Path) -> None:
@@ -124,8 +129,10 @@ def quantize_int8(out_dir: Path) -> None:
     lowered the tiny model's argmax agreement, and a lookup gains no speed from int8."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for fname in (sb.ENCODER_FILE, sb.DECODER_FILE):
+    for fname in (sb.ENCODER_FILE, sb.DECODER_FILE, sb.DECODER_SLOTS_FILE):
         path = out_dir / fname
+        if not path.exists():  # the slot decoder comes with fused graphs only
+            continue
         tmp = out_dir / f"{fname}.int8"
         # It logs a pre-processing hint on the root logger for every call; that is for static quantization.
         logging.disable(logging.WARNING)
@@ -173,8 +180,9 @@ def build_manifest(ckpt: dict[str, Any], model: Transformer, out_dir: Path, *, n
                    optimizations: list[str], tokenizer_files: list[str] = [sb.TOKENIZER_FILE],  # noqa: B006
                    ) -> dict[str, Any]:
     cfg, meta = model.cfg, ckpt.get("meta", {})
-    files = [*GRAPH_FILES, *tokenizer_files]
-    io = {g: graph_io(out_dir / f) for g, f in zip(GRAPH_KINDS, GRAPH_FILES)}
+    graphs = graph_files(out_dir)
+    files = [*graphs.values(), *tokenizer_files]
+    io = {g: graph_io(out_dir / f) for g, f in graphs.items()}
     cache_dtype = next(i["dtype"] for i in io["decoder"]["inputs"]
                        if i["name"] == sb.past_name(0, "decoder", "key"))
     return {
@@ -205,6 +213,11 @@ def build_manifest(ckpt: dict[str, Any], model: Transformer, out_dir: Path, *, n
         "export_seconds": round(export_seconds, 2),
         "exporter": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
     }
+
+
+def graph_files(out_dir: Path) -> dict[str, str]:
+    """The bundle graphs written into out_dir, kind -> file name."""
+    return {g: f for g, f in GRAPHS.items() if (out_dir / f).exists()}
 
 
 def split_alignment_graph(out_dir: Path) -> None:
@@ -319,14 +332,15 @@ def write_bundle(ckpt: dict[str, Any], model: Transformer, tokenizer: BundleToke
         export_graphs(model, tmp, opset, dtype)
         fused = fused_style(graphs, dtype, model)
         if fused:  # the traced encoder and decoder (with its alignment output) are replaced
-            write_fused(model, tmp, opset)
+            write_fused(model, tmp, opset, slots=dtype != "fp16")
         if dtype == "int8":
             quantize_int8(tmp)
         elif dtype == "fp16":
             convert_fp16(tmp)
         split_alignment_graph(tmp)  # decoder.onnx and decoder_alignments.onnx from one graph
-        optimizations = list(sb.FUSED_OPTIMIZATIONS) if fused else []
-        for f in GRAPH_FILES:
+        optimizations = [o for o in sb.FUSED_OPTIMIZATIONS if fused and (
+            o != sb.SLOT_CACHE or (tmp / sb.DECODER_SLOTS_FILE).exists())]
+        for f in graph_files(tmp).values():
             onnx.checker.check_model(str(tmp / f))
         export_seconds = time.perf_counter() - start
         validation = run_validation(model, tokenizer, tmp, dtype, providers, optimizations)

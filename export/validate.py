@@ -6,6 +6,8 @@ batch size and lengths different from the export example (so a baked-in shape sh
   * decoder: teacher-forced one token at a time WITH the cache (first step on an empty past)
     vs PyTorch's full-sequence pass: log_probs, top-k and the final present K/V;
   * reorder: the gather equals numpy's take on the batch axis, exactly;
+  * slot decoder (when present): the same teacher-forced check with rows of different ages
+    (export.validate_slots);
   * greedy: the cached ORT greedy decode equals PyTorch's uncached greedy decode, token for token.
 The report (a JSON-able dict) goes into the manifest; `passed` says whether the dtype's tolerance held.
 """
@@ -22,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from export.validate_slots import check_slot_decoder
 from nmt import bundle as sb
 from nmt.decoding import DecodeOptions
 from nmt.pair_tokenizer import BundleTokenizer
@@ -75,8 +78,10 @@ def load_sessions(graph_dir: Path, providers: list[str]) -> dict[str, ort.Infere
     opts.log_severity_level = 3  # keep ORT's per-node warnings out of the export log
     opts.intra_op_num_threads = 1  # validation graphs are small; spinning worker threads only cost CPU
     graphs = [("encoder", sb.ENCODER_FILE), ("decoder", sb.DECODER_FILE), ("reorder", sb.REORDER_FILE)]
-    if (graph_dir / sb.DECODER_ALIGNMENTS_FILE).exists():  # optional in a bundle
-        graphs.append(("decoder_alignments", sb.DECODER_ALIGNMENTS_FILE))
+    optional = (("decoder_alignments", sb.DECODER_ALIGNMENTS_FILE), ("decoder_slots", sb.DECODER_SLOTS_FILE))
+    for kind, fname in optional:
+        if (graph_dir / fname).exists():  # optional in a bundle
+            graphs.append((kind, fname))
     return {g: ort.InferenceSession(str(graph_dir / f), opts, providers=providers) for g, f in graphs}
 
 
@@ -303,6 +308,11 @@ def run_checks(model: Transformer, tokenizer: BundleTokenizer, graph_dir: Path, 
         aligned = check_decoder(model, sessions["decoder_alignments"], mask, cross, targets, top_k)
         for key, value in aligned["max_abs_diff"].items():
             diffs[f"decoder_alignments.{key.split('.', 1)[1]}"] = value
+    slot_agreement = 1.0
+    if "decoder_slots" in sessions:
+        slots = check_slot_decoder(model, sessions["decoder_slots"], mask, cross, targets, top_k)
+        diffs.update(slots["max_abs_diff"])
+        slot_agreement = slots["argmax_agreement"]
     if grouped_cross:  # against the same graph with repeated K/V: any difference is the grouping's
         diffs["decoder.grouped_cross_kv.log_probs"] = check_grouped_cross(
             model, sessions["decoder"], mask, cross, targets[:, :4], top_k)
@@ -319,9 +329,10 @@ def run_checks(model: Transformer, tokenizer: BundleTokenizer, graph_dir: Path, 
     if tol.max_abs_diff is not None and diffs[worst] > tol.max_abs_diff:
         failures.append(f"{worst} differs from PyTorch by {diffs[worst]:.3g} "
                         f"(tolerance {tol.max_abs_diff:g})")
-    if dec["argmax_agreement"] < tol.min_argmax_agreement:
-        failures.append(f"teacher-forced argmax agreement {dec['argmax_agreement']:.3f} "
-                        f"< {tol.min_argmax_agreement}")
+    for graph, agreement in (("decoder", dec["argmax_agreement"]), ("decoder_slots", slot_agreement)):
+        if agreement < tol.min_argmax_agreement:
+            failures.append(f"{graph}: teacher-forced argmax agreement {agreement:.3f} "
+                            f"< {tol.min_argmax_agreement}")
     if ref and identical / len(ref) < tol.min_greedy_identical:
         failures.append(f"greedy decode identical to PyTorch on {identical}/{len(ref)} sentences")
     if not reorder_ok:

@@ -20,13 +20,21 @@ Decoder graph (`decoder.onnx`), one graph for every step (first step with past_l
 Alignment decoder (`decoder_alignments.onnx`, optional): the same graph with one more output,
        cross_attention [batch, n_layers, new_len, src_len]  (encoder-decoder attention averaged over
        heads, per layer); the engine runs it only for requests that ask for alignments
+Slot decoder (`decoder_slots.onnx`, optional, bundles listing SLOT_CACHE): the decoder with a
+  self-attention cache preallocated per row and written in place (GroupQueryAttention, CPU kernel)
+  in : input_ids, position_ids [batch, 1], seqlens_k [batch] int32 (tokens row r already holds),
+       total_sequence_length [1] int32 (max seqlens_k + 1), encoder_attention_mask,
+       past_key_values.{i}.decoder.key / .value [batch, heads, max_len, head_dim]  (row r's tokens in
+       slots 0..seqlens_k[r]-1; bound to the same buffers as present.{i}.decoder.*, which gain the new
+       token at slot seqlens_k[r]), past_key_values.{i}.encoder.*, top_k
+  out: log_probs, topk_values, topk_indices, present.{i}.decoder.key / .value (the past buffers)
 Reorder graph (`reorder.onnx`): a gather on the batch axis, so beams and finished rows are
   reordered/dropped where the cache lives (on the GPU) without a host round trip.
   in : index [new_batch] int64, and every cache tensor of the decoder plus encoder_attention_mask
   out: "reordered." + each of those names
 Manifest (`manifest.json`, written by export.pipeline)
   format_version, name, src_lang, tgt_lang, dtype (fp32|fp16|int8), opset,
-  optimizations [fused_attention, grouped_cross_kv] (optional; see FUSED_OPTIMIZATIONS below),
+  optimizations [fused_attention, grouped_cross_kv, slot_cache] (optional; see FUSED_OPTIMIZATIONS below),
   model {n_encoder_layers, n_decoder_layers, d_model, n_heads, head_dim, vocab_size, max_positions, ...},
   special_ids {pad, unk, bos, eos}, files {file: {sha256, bytes}},
   io {graph: {inputs, outputs: [{name, dtype, shape}]}}, io_dtypes {cache, log_probs, ...}
@@ -54,7 +62,9 @@ FUSED_ATTENTION = "fused_attention"  # encoder/decoder written with com.microsof
 # SkipLayerNormalization, the attention scale folded into the query projection (export/fused.py)
 GROUPED_CROSS_KV = "grouped_cross_kv"  # the decoder also accepts cross K/V and encoder mask with one row
 # per source while the other inputs hold rows_per_source rows each (consecutive rows = one source's beams)
-FUSED_OPTIMIZATIONS = (FUSED_ATTENTION, GROUPED_CROSS_KV)
+SLOT_CACHE = "slot_cache"  # the bundle also has decoder_slots.onnx (see above): rows of any age share a
+# step without padding, join and leave without copying the cache
+FUSED_OPTIMIZATIONS = (FUSED_ATTENTION, GROUPED_CROSS_KV, SLOT_CACHE)
 KNOWN_OPTIMIZATIONS = frozenset(FUSED_OPTIMIZATIONS)
 
 ENCODER_FILE = "encoder.onnx"
@@ -63,6 +73,7 @@ DECODER_FILE = "decoder.onnx"
 # whether it is fetched or not, so alignments get their own graph and a normal step never pays.
 DECODER_ALIGNMENTS_FILE = "decoder_alignments.onnx"
 REORDER_FILE = "reorder.onnx"
+DECODER_SLOTS_FILE = "decoder_slots.onnx"
 TOKENIZER_FILE = "tokenizer.model"
 MANIFEST_FILE = "manifest.json"
 
@@ -78,6 +89,8 @@ TOPK_VALUES = "topk_values"
 TOPK_INDICES = "topk_indices"
 CROSS_ATTENTION = "cross_attention"
 REORDER_INDEX = "index"
+SEQLENS_K = "seqlens_k"
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 REORDERED_PREFIX = "reordered."
 
 
@@ -103,6 +116,11 @@ def encoder_output_names(n_layers: int) -> list[str]:
 
 def decoder_input_names(n_layers: int) -> list[str]:
     names = [INPUT_IDS, POSITION_IDS, SELF_ATTENTION_MASK, ENCODER_ATTENTION_MASK]
+    return names + cache_names(n_layers) + [TOP_K]
+
+
+def slot_decoder_input_names(n_layers: int) -> list[str]:
+    names = [INPUT_IDS, POSITION_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, ENCODER_ATTENTION_MASK]
     return names + cache_names(n_layers) + [TOP_K]
 
 

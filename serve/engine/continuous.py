@@ -42,6 +42,7 @@ from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS
 from serve.engine.runtime import DecoderCache
 from serve.engine.scheduler import BatchMetrics, Job, StepListener, wait_for_room
 from serve.engine.search import Beam, advance, finish_live, force, hypothesis
+from serve.engine.slots import SlotCache
 
 if TYPE_CHECKING:
     from serve.engine.translator import Translator
@@ -124,7 +125,7 @@ class Lane:
 
     def __init__(self, alignments: bool):
         self.alignments = alignments
-        self.cache: DecoderCache | None = None
+        self.cache: DecoderCache | SlotCache | None = None
         self.texts: list[Text] = []
         self.deferred = 0  # step boundaries the queue head waited for a group to gather
 
@@ -287,12 +288,16 @@ class ContinuousScheduler:
         taken = [t for t in taken if not t.done]
         if not taken:
             return
-        new = self.translator.encode([t.source for t in taken])
+        new = self.translator.encode([t.source for t in taken], lane.alignments)
         first = lane.rows
         if lane.cache is None:
             lane.cache = new
-        else:
+        elif isinstance(lane.cache, SlotCache) and isinstance(new, SlotCache):
             lane.cache.join(new)
+        elif isinstance(lane.cache, DecoderCache) and isinstance(new, DecoderCache):
+            lane.cache.join(new)
+        else:  # a lane's texts all want alignments or none: one kind of cache per lane
+            raise TypeError(f"cannot join a {type(new).__name__} to a {type(lane.cache).__name__}")
         if lane.alignments:
             lane.cache.alignment_layer = self.translator.alignment_layer
         for r, text in enumerate(taken):

@@ -23,6 +23,7 @@ import onnxruntime as ort
 from nmt import bundle as fmt
 from nmt.bundle import BundleError, Manifest
 from nmt.errors import UserError
+from serve.engine.slots import SlotCache
 
 GRAPH_OPTIMIZATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -130,11 +131,14 @@ class Graph:
         """Drop the session (its weights and memory arena); the graph cannot run after this."""
         self.__dict__.pop("session", None)
 
-    def run(self, feeds: dict[str, Feed], device_outputs: list[str], host_outputs: Sequence[str] = ()
-            ) -> dict[str, ort.OrtValue]:
+    def run(self, feeds: dict[str, Feed], device_outputs: list[str], host_outputs: Sequence[str] = (),
+            bound: dict[str, ort.OrtValue] | None = None) -> dict[str, ort.OrtValue]:
         """Bind feeds (OrtValues stay where they are, arrays are copied in by ORT), run, and return
-        `device_outputs` as OrtValues on the session's device and `host_outputs` in host memory."""
+        `device_outputs` as OrtValues on the session's device and `host_outputs` in host memory;
+        `bound` outputs are written into the given OrtValues (not returned)."""
         binding = self.session.io_binding()
+        for name, value in (bound or {}).items():
+            binding.bind_ortvalue_output(name, value)
         for name, value in feeds.items():
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
@@ -147,7 +151,8 @@ class Graph:
         self.session.run_with_iobinding(binding)
         if host_outputs and self.device.type != "cpu":
             binding.synchronize_outputs()  # the host copies must be complete before numpy reads them
-        return dict(zip([*device_outputs, *host_outputs], binding.get_outputs()))
+        names = [*(bound or {}), *device_outputs, *host_outputs]  # get_outputs() keeps binding order
+        return {n: v for n, v in zip(names, binding.get_outputs()) if n not in (bound or {})}
 
 
 class Runtime:
@@ -155,7 +160,8 @@ class Runtime:
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, device: str = "auto",
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                 graph_optimization: str = "all", allow_spinning: bool | None = False):
+                 graph_optimization: str = "all", allow_spinning: bool | None = False,
+                 slot_cache: bool = True):
         options = session_options(intra_op_threads, inter_op_threads, graph_optimization, allow_spinning)
         wanted = requested_device(device)
         self.device = wanted or (Device("cuda") if cuda_driver_present() else Device("cpu"))
@@ -171,6 +177,11 @@ class Runtime:
             self.encoder = Graph(bundle_dir / fmt.ENCODER_FILE, options, self.device, encoder_inputs)
         self.decoder = Graph(bundle_dir / fmt.DECODER_FILE, options, self.device, fmt.decoder_input_names(n))
         self.reorder = Graph(bundle_dir / fmt.REORDER_FILE, options, self.device, fmt.reorder_input_names(n))
+        # The slot decoder (serve.engine.slots) on CPU, when the bundle has it and it is not turned off.
+        self.slot_decoder: Graph | None = None
+        if slot_cache and self.device.type == "cpu" and fmt.SLOT_CACHE in manifest.optimizations:
+            self.slot_decoder = Graph(bundle_dir / fmt.DECODER_SLOTS_FILE, options, self.device,
+                                      fmt.slot_decoder_input_names(n))
         past_type = self.decoder.input_types[fmt.past_name(0, "decoder", "key")]
         self.cache_dtype = NUMPY_DTYPE.get(past_type, np.float32)
         # Alignments need their own graph (a bundle without it serves everything else). It loads on
@@ -193,7 +204,8 @@ class Runtime:
     def release(self) -> None:
         """Free every session: a version replaced by a reload, once its last request finished."""
         with self._load_lock:
-            for graph in (self.encoder, self.decoder, self.reorder, self._decoder_alignments):
+            graphs = (self.encoder, self.decoder, self.reorder, self._decoder_alignments, self.slot_decoder)
+            for graph in graphs:
                 if graph is not None:
                     graph.release()
             self._decoder_alignments = None
@@ -214,13 +226,18 @@ class Runtime:
     def to_device(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device.type, self.device.id)
 
-    def start(self, src_ids: np.ndarray, src_mask: np.ndarray) -> DecoderCache:
-        """Encode a padded batch (B, S) and return its decoder state: cross K/V on device, empty past."""
+    def start(self, src_ids: np.ndarray, src_mask: np.ndarray, alignments: bool = False
+              ) -> DecoderCache | SlotCache:
+        """Encode a padded batch (B, S) and return its decoder state: cross K/V on device, empty past.
+        The slot decoder's cache when there is one, unless the rows will want alignments."""
         n = self.n_layers
         cross_out = [fmt.present_name(i, "encoder", w) for i in range(n) for w in ("key", "value")]
         out = self.encoder.run({fmt.INPUT_IDS: src_ids, fmt.ATTENTION_MASK: src_mask}, cross_out)
         cache = {fmt.past_name(i, "encoder", w): out[fmt.present_name(i, "encoder", w)]
                  for i in range(n) for w in ("key", "value")}
+        if self.slot_decoder is not None and not alignments:
+            arrays = {name: value.numpy() for name, value in cache.items()}  # host memory: views, no copy
+            return SlotCache(self, arrays, np.ascontiguousarray(src_mask, dtype=bool), list(out.values()))
         # The first step's past is empty; a zero-size host array binds on every provider (ORT
         # copies its zero bytes), from then on each step's present stays on the device.
         shape = (src_ids.shape[0], self.n_heads, 0, self.head_dim)

@@ -33,6 +33,7 @@ from nmt.pair_tokenizer import BundleTokenizer, load_bundle_tokenizer
 from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS, pack_by_tokens
 from serve.engine.runtime import DecoderCache, Runtime
 from serve.engine.search import beam_search, greedy_search
+from serve.engine.slots import SlotCache
 
 GREEDY = DecodeOptions()
 
@@ -49,6 +50,7 @@ class EngineConfig:
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # padded source tokens x beam per batch
     compaction: bool = True  # drop finished rows from the running batch (off only to test that it is exact)
     alignment_layer: int = -1  # decoder layer whose head-averaged cross-attention gives alignments
+    slot_cache: bool = True  # the bundle's slot decoder on CPU when it has one (off: to compare the two)
 
     def errors(self, n_decoder_layers: int) -> list[str]:
         errs = []
@@ -83,7 +85,7 @@ class Translator:
         manifest = read_manifest(path)
         c = config
         runtime = Runtime(path, manifest, c.device, c.intra_op_threads, c.inter_op_threads,
-                          c.graph_optimization)
+                          c.graph_optimization, slot_cache=c.slot_cache)
         # Our own tokenizer.model, or the source/target pair the manifest names (imported models).
         translator = cls(runtime, manifest, load_bundle_tokenizer(path, manifest.raw), config)
         if c.warmup:
@@ -188,15 +190,16 @@ class Translator:
                 results[i] = hyps
         return results
 
-    def encode(self, sources: list[list[int]]) -> DecoderCache:
-        """Encode sources as one padded batch: the decoder state of their rows, nothing fed yet."""
+    def encode(self, sources: list[list[int]], alignments: bool = False) -> DecoderCache | SlotCache:
+        """Encode sources as one padded batch: the decoder state of their rows, nothing fed yet
+        (alignments: a state that can step with the alignment graph)."""
         lengths = np.array([len(s) for s in sources])  # (B,)
         S = int(lengths.max())
         src = np.full((len(sources), S), self.manifest.pad_id, dtype=np.int64)  # (B, S)
         for r, ids in enumerate(sources):
             src[r, :len(ids)] = ids
         src_mask = np.arange(S)[None, :] < lengths[:, None]  # (B, S)
-        return self.runtime.start(src, src_mask)
+        return self.runtime.start(src, src_mask, alignments)
 
     def budget(self, source_tokens: int, options: DecodeOptions) -> int:
         """Tokens a source of this length may generate (EOS included)."""
@@ -215,7 +218,7 @@ class Translator:
         if not live:
             return out
         m = self.manifest
-        cache = self.encode([sources[i] for i in live])
+        cache = self.encode([sources[i] for i in live], options.return_alignments)
         if options.return_alignments:
             cache.alignment_layer = self.alignment_layer
         budgets = [self.budget(len(sources[i]), options) for i in live]

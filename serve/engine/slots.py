@@ -1,0 +1,184 @@
+"""A decoder cache preallocated per row and written in place (the bundle's slot decoder).
+
+DecoderCache (serve.engine.runtime) feeds the past and gets a new, longer present back at every
+step: ONNX Runtime copies every row's past into it, every row attends over the oldest row's length
+(shorter rows left-padded and masked), and joining or dropping rows copies the whole cache. Here
+each layer's self-attention K/V is one buffer (capacity rows, H, capacity length, Dh); row r's
+tokens sit in slots 0..lengths[r]-1 and GroupQueryAttention writes the new token's K/V at slot
+lengths[r] of the same buffer (past and present are bound to one OrtValue) and attends over that
+row's own length only. So a step copies nothing, a row that leaves costs nothing when it is the
+last one, a row that joins copies only its cross-attention K/V, and a beam reorder copies only the
+rows that moved, up to the longest row's length.
+
+The buffers are host arrays: this is the CPU path (ONNX Runtime's CUDA GroupQueryAttention takes
+fp16/bf16 only; CUDA sessions keep DecoderCache and its device-resident reorder graph). Capacity
+grows by doubling (rows and length) and is kept while the cache lives. Alignments are not
+offered here: texts that want them run on DecoderCache with the alignment graph.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnxruntime as ort
+
+from nmt import bundle as fmt
+
+if TYPE_CHECKING:
+    from serve.engine.runtime import Runtime
+
+FIRST_LENGTH = 32  # slots per row at first; doubled when a row needs more (a copy of the filled part)
+
+
+def first_moved(index: np.ndarray) -> int:
+    """The first j with index[j] != j (len(index) when none): rows before it stay where they are."""
+    moved = np.flatnonzero(index != np.arange(len(index)))
+    return int(moved[0]) if len(moved) else len(index)
+
+
+def grown(buf: np.ndarray, rows: int, axis_len: int, keep_rows: int, keep_len: int, axis: int) -> np.ndarray:
+    """A bigger zeroed buffer (at least `rows` rows, `axis_len` along `axis`) holding buf's first
+    keep_rows rows and keep_len entries along `axis`."""
+    shape = list(buf.shape)
+    shape[0], shape[axis] = max(rows, buf.shape[0]), max(axis_len, buf.shape[axis])
+    out = np.zeros(shape, buf.dtype)
+    part = (slice(0, keep_rows),) + tuple(slice(0, keep_len) if a == axis else slice(None)
+                                          for a in range(1, buf.ndim))
+    out[part] = buf[part]
+    return out
+
+
+class SlotCache:
+    """The running batch's decoder state on the slot decoder; the same interface as DecoderCache."""
+
+    def __init__(self, runtime: Runtime, cross: dict[str, np.ndarray], mask: np.ndarray,
+                 keepalive: list[ort.OrtValue]):
+        rt = self.runtime = runtime
+        self.rows = rows = mask.shape[0]
+        self.group = 1  # rows per cross-attention row (a source's beams share one), as DecoderCache
+        self.lengths = np.zeros(rows, dtype=np.int64)  # (R,) tokens each row holds
+        self.alignment_layer: int | None = None  # alignments need DecoderCache (see the module doc)
+        self.alignment: np.ndarray | None = None
+        self.cross, self.mask = cross, mask  # (Rc, H, S, Dh) per name, (Rc, S): the first cross_rows used
+        self._keepalive = keepalive  # the encoder's OrtValues the first cross arrays are views of
+        n = runtime.n_layers
+        self.self_pairs = [(fmt.present_name(i, "decoder", w), fmt.past_name(i, "decoder", w))
+                           for i in range(n) for w in ("key", "value")]
+        shape = (rows, rt.n_heads, FIRST_LENGTH, rt.head_dim)  # (R, H, L, Dh)
+        self.past = {past: np.zeros(shape, rt.cache_dtype) for _, past in self.self_pairs}
+        self._bound: dict[str, ort.OrtValue] | None = None  # OrtValues over the used rows, per layout
+
+    @property
+    def position(self) -> int:
+        """The longest row's length (DecoderCache's `position`: 0 while nothing was fed)."""
+        return int(self.lengths.max()) if self.rows else 0
+
+    @property
+    def cross_rows(self) -> int:
+        return self.rows // self.group
+
+    def step(self, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Feed one token per row (R,) and return the k best next tokens: values, ids (R, k)."""
+        if self.alignment_layer is not None:
+            raise ValueError("the slot decoder has no alignment output: use the alignment graph's cache")
+        R, total = self.rows, self.position + 1
+        capacity = next(iter(self.past.values())).shape[2]
+        if total > capacity:
+            self._resize(R, max(total, 2 * capacity))
+        if self._bound is None:
+            self._bound = {past: ort.OrtValue.ortvalue_from_numpy(buf[:R]) for past, buf in self.past.items()}
+        feeds: dict[str, np.ndarray | ort.OrtValue] = dict(self._bound)
+        rc = self.cross_rows
+        feeds.update({name: buf[:rc] for name, buf in self.cross.items()})
+        feeds[fmt.ENCODER_ATTENTION_MASK] = self.mask[:rc]
+        feeds[fmt.INPUT_IDS] = tokens.astype(np.int64).reshape(R, 1)  # (R, 1)
+        feeds[fmt.POSITION_IDS] = self.lengths.reshape(R, 1)  # (R, 1) each row's own position
+        feeds[fmt.SEQLENS_K] = self.lengths.astype(np.int32)  # (R,) the new token's slot per row
+        feeds[fmt.TOTAL_SEQUENCE_LENGTH] = np.array([total], np.int32)
+        feeds[fmt.TOP_K] = np.array([k], dtype=np.int64)
+        bound = {present: self._bound[past] for present, past in self.self_pairs}  # written in place
+        graph = self.runtime.slot_decoder
+        assert graph is not None
+        out = graph.run(feeds, [], [fmt.TOPK_VALUES, fmt.TOPK_INDICES], bound)
+        self.runtime.count_step()
+        self.lengths = self.lengths + 1
+        return out[fmt.TOPK_VALUES].numpy(), out[fmt.TOPK_INDICES].numpy()
+
+    def keep(self, rows: np.ndarray, group: int = 1) -> None:
+        """New row j = old row rows[j] (beam reorder, duplicates, finished rows dropped): only rows
+        from the first that moves are copied, each up to the longest row's length."""
+        rows = rows.astype(np.int64)
+        cross = rows // self.group  # (R',) the cross row every new row reads
+        new_group = 1
+        if group > 1 and self.runtime.grouped_cross and len(rows) % group == 0:
+            per = cross.reshape(-1, group)  # (R'/g, g)
+            if (per == per[:, :1]).all():
+                cross, new_group = per[:, 0], group
+        n, filled = len(rows), self.position
+        if n > next(iter(self.past.values())).shape[0]:
+            self._resize(n, 0)
+        start = first_moved(rows)
+        if start < n and filled:
+            for buf in self.past.values():
+                buf[start:n, :, :filled] = buf[rows[start:], :, :filled]  # (moved, H, filled, Dh)
+        self._gather_cross(cross)
+        self.rows, self.group = n, new_group
+        self.lengths = self.lengths[rows]
+        self._bound = None
+
+    def _gather_cross(self, index: np.ndarray) -> None:
+        n = len(index)
+        if n > self.mask.shape[0]:
+            self._resize_cross(n, self.mask.shape[1])
+        start = first_moved(index)
+        if start < n:
+            for buf in self.cross.values():
+                buf[start:n] = buf[index[start:]]
+            self.mask[start:n] = self.mask[index[start:]]
+
+    def join(self, other: SlotCache) -> None:
+        """Append `other`'s rows (just encoded, nothing fed yet) after this batch's rows: their
+        cross K/V and mask are copied in (padded to the longer source, masked); their self-attention
+        slots are simply the next rows' (whatever a row there held is overwritten from slot 0)."""
+        if other.position != 0:
+            raise ValueError("only rows that have not been fed yet can join a running batch")
+        if self.group != 1 or other.group != 1:
+            raise ValueError("grouped cross-attention rows cannot join a running batch")
+        if self.rows == 0:
+            self.__dict__.update(other.__dict__)
+            return
+        r, extra = self.rows, other.rows
+        src = max(self.mask.shape[1], other.mask.shape[1])
+        if r + extra > self.mask.shape[0] or src > self.mask.shape[1]:
+            self._resize_cross(r + extra, src)
+        s = other.mask.shape[1]
+        for name, buf in self.cross.items():
+            buf[r:r + extra, :, :s] = other.cross[name][:extra]
+        self.mask[r:r + extra] = False
+        self.mask[r:r + extra, :s] = other.mask[:extra]
+        if r + extra > next(iter(self.past.values())).shape[0]:
+            self._resize(r + extra, 0)
+        self.rows += extra
+        self.lengths = np.concatenate([self.lengths, other.lengths])
+        self._bound = None
+
+    def trim(self) -> int:
+        """Nothing to trim: no row is padded to another's length (DecoderCache's interface)."""
+        return 0
+
+    def _resize(self, rows: int, length: int) -> None:
+        """Self-attention buffers of at least `rows` rows (doubling) and `length` slots."""
+        cap = next(iter(self.past.values())).shape[0]
+        rows = max(rows, 2 * cap) if rows > cap else cap
+        filled = self.position
+        self.past = {n: grown(b, rows, length, self.rows, filled, axis=2) for n, b in self.past.items()}
+        self._bound = None
+
+    def _resize_cross(self, rows: int, src_len: int) -> None:
+        cap = self.mask.shape[0]
+        rows = max(rows, 2 * cap) if rows > cap else cap
+        used, s = self.cross_rows, self.mask.shape[1]
+        self.cross = {n: grown(b, rows, src_len, used, s, axis=2) for n, b in self.cross.items()}
+        self.mask = grown(self.mask, rows, src_len, used, s, axis=1)
+        self._keepalive = []

@@ -1,0 +1,106 @@
+"""The slot decoder (a per-row cache written in place) against the concatenating decoder it replaces on CPU.
+
+Both graphs come from the same weights; every decision the search makes must be the same: tokens
+exactly, scores to float32 rounding (the two attention kernels sum in different orders).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import read_lines
+
+from nmt import bundle as fmt
+from nmt.decoding import DecodeOptions, StopSignal
+from serve.engine.continuous import ContinuousScheduler
+from serve.engine.runtime import DecoderCache
+from serve.engine.slots import FIRST_LENGTH, SlotCache
+from serve.engine.translator import EngineConfig, Translator
+
+
+@pytest.fixture(scope="module")
+def concat(tiny_bundle) -> Translator:
+    config = EngineConfig(device="cpu", intra_op_threads=1, slot_cache=False)
+    return Translator.from_bundle(tiny_bundle, config)
+
+
+@pytest.fixture(scope="module")
+def sources(translator) -> list[list[int]]:
+    return translator.tokenize(read_lines("test_2016_flickr", "en", 40))
+
+
+def test_bundle_carries_the_slot_decoder_and_cpu_uses_it(tiny_bundle, translator, concat):
+    manifest = json.loads((tiny_bundle / fmt.MANIFEST_FILE).read_text())
+    assert fmt.SLOT_CACHE in manifest["optimizations"] and fmt.DECODER_SLOTS_FILE in manifest["files"]
+    assert manifest["validation"]["max_abs_diff"]["decoder_slots.log_probs"] < 1e-4  # vs PyTorch
+    assert isinstance(translator.encode([[5, 6, 2]]), SlotCache)
+    assert isinstance(translator.encode([[5, 6, 2]], alignments=True), DecoderCache)  # the alignment graph
+    assert isinstance(concat.encode([[5, 6, 2]]), DecoderCache)
+
+
+@pytest.mark.parametrize("opts", [
+    DecodeOptions(), DecodeOptions(min_length=12), DecodeOptions(beam_size=4, n_best=4),
+    DecodeOptions(beam_size=3, n_best=2, length_penalty=0.0, min_length=3),
+], ids=["greedy", "min_length", "beam4", "beam3"])
+def test_slot_decoder_decides_as_the_concatenating_one(translator, concat, sources, opts):
+    got = translator.translate_ids(sources, opts, max_batch_tokens=100_000)  # one batch: compaction, reorders
+    want = concat.translate_ids(sources, opts, max_batch_tokens=100_000)
+    for g, w in zip(got, want):
+        assert [h.tokens for h in g] == [h.tokens for h in w]
+        assert [h.score for h in g] == pytest.approx([h.score for h in w], abs=1e-4)
+
+
+def test_rows_longer_than_the_first_capacity_grow_the_buffers(translator, concat, sources):
+    opts = DecodeOptions(min_length=3 * FIRST_LENGTH, max_length_a=0, max_length_b=3 * FIRST_LENGTH + 5)
+    got = translator.translate_ids(sources[:3], opts)
+    want = concat.translate_ids(sources[:3], opts)
+    assert [h[0].tokens for h in got] == [h[0].tokens for h in want]
+    assert all(len(h[0].tokens) >= 3 * FIRST_LENGTH for h in got)
+
+
+def test_forced_prefixes_and_joins_in_the_running_batch(translator, concat, sources):
+    """Texts joining a running slot batch at several steps, some with forced prefixes, some beam:
+    each as the concatenating engine decodes it alone."""
+    loop = ContinuousScheduler(translator, thread=False)
+    prefixes = [[], sources[1][:2], [], sources[3][:1]]
+    futures = []
+    for i, src in enumerate(sources[:8]):
+        opts = DecodeOptions(beam_size=1 + 2 * (i % 2))
+        futures.append((src, opts, i % 4, loop.submit([src], opts, StopSignal(), prefixes=[prefixes[i % 4]])))
+        for _ in range(i):
+            loop.step_once()
+    while not all(f.done() for *_, f in futures):
+        loop.step_once()
+    for src, opts, p, future in futures:
+        alone = concat.translate_ids([src], opts, prefixes=[prefixes[p]])[0]
+        assert [h.tokens for h in future.result()[0]] == [h.tokens for h in alone]
+
+
+def test_keep_copies_only_rows_that_move(translator):
+    cache = translator.encode([[5, 6, 7, 2], [8, 2], [9, 10, 2]])
+    assert isinstance(cache, SlotCache)
+    cache.step(np.array([1, 1, 1]), 1)
+    cache.step(np.array([11, 12, 13]), 1)
+    before = {n: b[:3, :, :2].copy() for n, b in cache.past.items()}
+    cache.keep(np.array([0, 2]))  # the middle row left: row 2 moves to row 1, row 0 stays
+    assert cache.rows == 2 and cache.lengths.tolist() == [2, 2]
+    for n, b in cache.past.items():
+        assert np.array_equal(b[0, :, :2], before[n][0]) and np.array_equal(b[1, :, :2], before[n][2])
+    assert np.array_equal(cache.mask[:2], [[True] * 4, [True, True, True, False]])
+
+
+def test_a_bundle_without_the_slot_decoder_still_serves(tiny_bundle, tmp_path, concat, sources):
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle, old)
+    (old / fmt.DECODER_SLOTS_FILE).unlink()
+    manifest = json.loads((old / fmt.MANIFEST_FILE).read_text())
+    del manifest["files"][fmt.DECODER_SLOTS_FILE]
+    manifest["optimizations"].remove(fmt.SLOT_CACHE)
+    (old / fmt.MANIFEST_FILE).write_text(json.dumps(manifest))
+    plain = Translator.from_bundle(old, EngineConfig(device="cpu", intra_op_threads=1))
+    assert plain.runtime.slot_decoder is None
+    assert [h[0].tokens for h in plain.translate_ids(sources[:5])] == [
+        h[0].tokens for h in concat.translate_ids(sources[:5])]
