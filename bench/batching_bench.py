@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from serve.engine.scheduler import BatchScheduler
 from serve.engine.translator import EngineConfig, Translator
 
 MODES = ("static", "continuous")
+CONCAT = "continuous-concat"  # the continuous loop on the concatenating decoder (--compare-concat)
 
 
 def workload(translator: Translator, data_dir: Path, n: int, seed: int) -> list[tuple[str, bool]]:
@@ -45,16 +47,17 @@ def workload(translator: Translator, data_dir: Path, n: int, seed: int) -> list[
     return [(rng.choice(short), True) if rng.random() < 0.7 else (rng.choice(long_), False) for _ in range(n)]
 
 
-def make(mode: str, translator: Translator) -> BatchScheduler | ContinuousScheduler:
+def make(mode: str, translators: dict[str, Translator]) -> BatchScheduler | ContinuousScheduler:
     if mode == "static":
-        return BatchScheduler(translator)
-    return ContinuousScheduler(translator)
+        return BatchScheduler(translators[mode])
+    return ContinuousScheduler(translators[mode])
 
 
-def run_load(mode: str, translator: Translator, work: list[tuple[str, bool]], arrivals: list[float]
-             ) -> dict[str, float]:
+def run_load(mode: str, translators: dict[str, Translator], work: list[tuple[str, bool]],
+             arrivals: list[float]) -> dict[str, float]:
     """Submit work[i] at arrivals[i] seconds; latency per request, throughput of the whole run."""
-    sched = make(mode, translator)
+    sched = make(mode, translators)
+    translator = translators[mode]
     sources = [translator.tokenize([t])[0] for t, _ in work]
     latency = [0.0] * len(work)
 
@@ -81,37 +84,40 @@ def run_load(mode: str, translator: Translator, work: list[tuple[str, bool]], ar
             "per_s": len(work) / elapsed}
 
 
-def alternating(translator: Translator, work: list[tuple[str, bool]], arrivals: list[float], repeats: int
-                ) -> dict[str, dict[str, float]]:
-    """Each scheduler `repeats` times, in alternating order (a drifting load hits both alike); medians."""
-    runs: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+def alternating(translators: dict[str, Translator], work: list[tuple[str, bool]], arrivals: list[float],
+                repeats: int) -> dict[str, dict[str, float]]:
+    """Each scheduler `repeats` times, in alternating order (a drifting load hits all alike); medians."""
+    modes = list(translators)
+    runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     for r in range(repeats):
-        for m in (MODES if r % 2 == 0 else MODES[::-1]):
-            runs[m].append(run_load(m, translator, work, arrivals))
+        for m in (modes if r % 2 == 0 else modes[::-1]):
+            runs[m].append(run_load(m, translators, work, arrivals))
     return {m: {k: float(np.median([x[k] for x in rs])) for k in rs[0]} for m, rs in runs.items()}
 
 
-def open_loop(translator: Translator, work: list[tuple[str, bool]], seed: int, repeats: int) -> list[str]:
+def open_loop(translators: dict[str, Translator], work: list[tuple[str, bool]], seed: int, repeats: int
+              ) -> list[str]:
     rows = ["| offered load | scheduler | short p50 ms | short p99 ms | all p50 ms | all p99 ms "
-            "| sentences/s | short p99 vs static |", "|---|---|---|---|---|---|---|---|"]
-    saturated = alternating(translator, work, [0.0] * len(work), repeats)
+            "| sentences/s | short p99 vs static | sentences/s vs static |", "|---" * 9 + "|"]
+    saturated = alternating(translators, work, [0.0] * len(work), repeats)
     capacity = min(r["per_s"] for r in saturated.values())
-    for m in MODES:
+    for m in translators:
         s = saturated[m]
         rows.append(f"| all at once | {m} | {s['short_p50']:.1f} | {s['short_p99']:.1f} "
-                    f"| {s['all_p50']:.1f} | {s['all_p99']:.1f} | {s['per_s']:.1f} | |")
+                    f"| {s['all_p50']:.1f} | {s['all_p99']:.1f} | {s['per_s']:.1f} | "
+                    f"| {s['per_s'] / saturated['static']['per_s']:.2f}x |")
     rng = random.Random(seed)
     for fraction in (0.3, 0.6, 0.9):
         rate = fraction * capacity
         gaps = [rng.expovariate(rate) for _ in work]
         arrivals = list(np.cumsum(gaps) - gaps[0])
-        results = alternating(translator, work, arrivals, repeats)
-        for m in MODES:
+        results = alternating(translators, work, arrivals, repeats)
+        for m in translators:
             r = results[m]
             ratio = r["short_p99"] / results["static"]["short_p99"]
             rows.append(f"| {rate:.0f}/s ({fraction:.0%} of capacity) | {m} | {r['short_p50']:.1f} "
                         f"| {r['short_p99']:.1f} | {r['all_p50']:.1f} | {r['all_p99']:.1f} "
-                        f"| {r['per_s']:.1f} | {ratio:.2f}x |")
+                        f"| {r['per_s']:.1f} | {ratio:.2f}x | |")
     return rows
 
 
@@ -141,9 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="open-loop runs per row and scheduler (medians)")
     p.add_argument("--skip-grpc", action="store_true", help="open loop only")
     p.add_argument("--out", type=Path, help="also write the tables to this markdown file")
+    p.add_argument("--compare-concat", action="store_true",
+                   help=f"open loop also as {CONCAT}: the continuous loop without the slot decoder")
     args = p.parse_args(argv)
     config = EngineConfig(device="cpu", intra_op_threads=args.threads)
     translator = Translator.from_bundle(args.model_dir, config)
+    translators = {m: translator for m in MODES}
+    if args.compare_concat:
+        translators[CONCAT] = Translator.from_bundle(args.model_dir, replace(config, slot_cache=False))
     work = workload(translator, args.data_dir, args.requests, args.seed)
     load = os.getloadavg()
     lines = [f"Batching benchmark: {args.model_dir}, {args.requests} requests per row, seed {args.seed}, "
@@ -152,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
              "Open loop (in-process, greedy, one sentence per request; short = the shortest third of "
              f"test2016, 70% of requests; medians of {args.repeats} runs per scheduler, alternating order):",
              ""]
-    lines += open_loop(translator, work, args.seed, args.repeats)
+    lines += open_loop(translators, work, args.seed, args.repeats)
     if not args.skip_grpc:
         texts = [t for t, _ in work]
         lines += ["", "Closed loop through `nmt serve --batching MODE` (one-sentence requests):", ""]

@@ -1,14 +1,16 @@
 """Continuous batching: one decoding loop per model; requests join and leave the running batch at every step.
 
-The loop thread owns a running batch (a DecoderCache whose rows may be of different ages). At every
-step boundary it
+The loop thread owns a running batch (a SlotCache on CPU, else a DecoderCache; its rows may be of
+different ages). At every step boundary it
   1. drops the rows of requests that were cancelled or passed their deadline,
   2. admits queued texts, oldest first, while the batch's cache stays within the token budget: their
      sources are encoded together and joined to the running cache (cross-attention K/V padded to
-     the longer source, an empty self-attention past padded and masked), and
+     the longer source; a SlotCache gives them the next free rows of its per-row buffers, a
+     DecoderCache an empty self-attention past padded and masked), and
   3. runs one decoder step for every live row, each at its own position; finished texts leave.
 A text never waits for a running batch to end: it joins at the next step boundary, or, when the
-batch is large (a join copies its cache), within ADMIT_AFTER boundaries together with others.
+batch is a large DecoderCache (whose join copies the whole cache), within ADMIT_AFTER boundaries
+together with others.
 
 Greedy and beam texts with any options share a step: the step fetches the largest top-k any row
 needs and each text reads only its own columns, so its tokens are exactly those of a batch of its
@@ -264,10 +266,12 @@ class ContinuousScheduler:
                 else:
                     kept.append(text)
                     break  # oldest first: nobody overtakes the text that does not fit yet
-            # A join copies the running cache, so a full batch takes newcomers in groups: at least an
-            # eighth of its rows, or whoever has waited ADMIT_AFTER step boundaries.
+            # A DecoderCache join copies the running cache, so a full batch takes newcomers in groups:
+            # at least an eighth of its rows, or whoever has waited ADMIT_AFTER step boundaries. A
+            # SlotCache join copies only the newcomers' cross K/V: they come in at once.
             group = sum(t.options.beam_size for t in taken)
-            if taken and group < len(running) // 8 and lane.deferred < ADMIT_AFTER:
+            copies = not isinstance(lane.cache, SlotCache)
+            if taken and copies and group < len(running) // 8 and lane.deferred < ADMIT_AFTER:
                 lane.deferred += 1
                 kept.extendleft(reversed(taken))
                 taken = []
