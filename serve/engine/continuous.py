@@ -44,7 +44,7 @@ from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS
 from serve.engine.runtime import DecoderCache
 from serve.engine.scheduler import BatchMetrics, Job, StepListener, wait_for_room
 from serve.engine.search import Beam, advance, finish_live, force, hypothesis
-from serve.engine.slots import SlotCache
+from serve.engine.slots import SlotCache, place
 
 if TYPE_CHECKING:
     from serve.engine.translator import Translator
@@ -318,6 +318,9 @@ class ContinuousScheduler:
         cache = lane.cache
         assert cache is not None
         live = [t for t in lane.texts if not t.done]
+        if isinstance(cache, SlotCache):  # texts keep their rows where they can (see slots.place)
+            starts = place([t.rows[0] if t.rows else None for t in live], [len(t.next_rows()) for t in live])
+            live = [t for _, t in sorted(zip(starts, live), key=lambda pair: pair[0])]  # row order
         index: list[int] = []
         for text in live:
             rows = text.next_rows()

@@ -6,9 +6,9 @@ step: ONNX Runtime copies every row's past into it, every row attends over the o
 each layer's self-attention K/V is one buffer (capacity rows, H, capacity length, Dh); row r's
 tokens sit in slots 0..lengths[r]-1 and GroupQueryAttention writes the new token's K/V at slot
 lengths[r] of the same buffer (past and present are bound to one OrtValue) and attends over that
-row's own length only. So a step copies nothing, a row that leaves costs nothing when it is the
-last one, a row that joins copies only its cross-attention K/V, and a beam reorder copies only the
-rows that moved, up to the longest row's length.
+row's own length only. So a step copies nothing, a row that leaves costs one row's copy (the
+continuous loop moves a row from the end into its place), a row that joins copies only its
+cross-attention K/V, and a beam reorder copies only the rows that moved, up to the longest row.
 
 The buffers are host arrays: this is the CPU path (ONNX Runtime's CUDA GroupQueryAttention takes
 fp16/bf16 only; CUDA sessions keep DecoderCache and its device-resident reorder graph). Capacity
@@ -31,10 +31,9 @@ if TYPE_CHECKING:
 FIRST_LENGTH = 32  # slots per row at first; doubled when a row needs more (a copy of the filled part)
 
 
-def first_moved(index: np.ndarray) -> int:
-    """The first j with index[j] != j (len(index) when none): rows before it stay where they are."""
-    moved = np.flatnonzero(index != np.arange(len(index)))
-    return int(moved[0]) if len(moved) else len(index)
+def moved(index: np.ndarray) -> np.ndarray:
+    """The new rows j that do not hold old row j (index[j] != j): the only ones a gather must write."""
+    return np.flatnonzero(index != np.arange(len(index)))
 
 
 def grown(buf: np.ndarray, rows: int, axis_len: int, keep_rows: int, keep_len: int, axis: int) -> np.ndarray:
@@ -106,8 +105,8 @@ class SlotCache:
         return out[fmt.TOPK_VALUES].numpy(), out[fmt.TOPK_INDICES].numpy()
 
     def keep(self, rows: np.ndarray, group: int = 1) -> None:
-        """New row j = old row rows[j] (beam reorder, duplicates, finished rows dropped): only rows
-        from the first that moves are copied, each up to the longest row's length."""
+        """New row j = old row rows[j] (beam reorder, duplicates, finished rows dropped): only the rows
+        that move are copied, each up to the longest row's length."""
         rows = rows.astype(np.int64)
         cross = rows // self.group  # (R',) the cross row every new row reads
         new_group = 1
@@ -118,10 +117,10 @@ class SlotCache:
         n, filled = len(rows), self.position
         if n > next(iter(self.past.values())).shape[0]:
             self._resize(n, 0)
-        start = first_moved(rows)
-        if start < n and filled:
+        to = moved(rows)
+        if len(to) and filled:
             for buf in self.past.values():
-                buf[start:n, :, :filled] = buf[rows[start:], :, :filled]  # (moved, H, filled, Dh)
+                buf[to, :, :filled] = buf[rows[to], :, :filled]  # (moved, H, filled, Dh), read before written
         self._gather_cross(cross)
         self.rows, self.group = n, new_group
         self.lengths = self.lengths[rows]
@@ -131,11 +130,11 @@ class SlotCache:
         n = len(index)
         if n > self.mask.shape[0]:
             self._resize_cross(n, self.mask.shape[1])
-        start = first_moved(index)
-        if start < n:
+        to = moved(index)
+        if len(to):
             for buf in self.cross.values():
-                buf[start:n] = buf[index[start:]]
-            self.mask[start:n] = self.mask[index[start:]]
+                buf[to] = buf[index[to]]
+            self.mask[to] = self.mask[index[to]]
 
     def join(self, other: SlotCache) -> None:
         """Append `other`'s rows (just encoded, nothing fed yet) after this batch's rows: their
@@ -182,3 +181,29 @@ class SlotCache:
         self.cross = {n: grown(b, rows, src_len, used, s, axis=2) for n, b in self.cross.items()}
         self.mask = grown(self.mask, rows, src_len, used, s, axis=1)
         self._keepalive = []
+
+
+def place(current: list[int | None], sizes: list[int]) -> list[int]:
+    """Destination first rows for groups of `sizes` rows (a text's rows) that now start at `current`
+    (None: nowhere yet), packed into sum(sizes) rows with as few moves as possible: a group that
+    fits where it is stays, the others fill the gaps left to right. Every gather copies the rows
+    that change, so compaction then costs the rows moved into gaps, not every row after the first."""
+    total = sum(sizes)
+    free = np.ones(total, dtype=bool)
+    start: list[int | None] = [None] * len(sizes)
+    for i, (at, size) in enumerate(zip(current, sizes)):
+        if at is not None and at + size <= total and free[at:at + size].all():
+            free[at:at + size] = False
+            start[i] = at
+    for i, size in enumerate(sizes):
+        if start[i] is not None:
+            continue
+        gaps = np.flatnonzero(free)
+        for g in gaps:
+            if g + size <= total and free[g:g + size].all():
+                free[g:g + size] = False
+                start[i] = int(g)
+                break
+        else:  # the gaps are fragmented for this group: plain packing in the given order
+            return [int(x) for x in np.cumsum([0, *sizes[:-1]])]
+    return [int(s) for s in start if s is not None]

@@ -17,7 +17,7 @@ from nmt import bundle as fmt
 from nmt.decoding import DecodeOptions, StopSignal
 from serve.engine.continuous import ContinuousScheduler
 from serve.engine.runtime import DecoderCache
-from serve.engine.slots import FIRST_LENGTH, SlotCache
+from serve.engine.slots import FIRST_LENGTH, SlotCache, place
 from serve.engine.translator import EngineConfig, Translator
 
 
@@ -90,6 +90,17 @@ def test_keep_copies_only_rows_that_move(translator):
     for n, b in cache.past.items():
         assert np.array_equal(b[0, :, :2], before[n][0]) and np.array_equal(b[1, :, :2], before[n][2])
     assert np.array_equal(cache.mask[:2], [[True] * 4, [True, True, True, False]])
+
+
+def test_place_keeps_texts_where_they_are_and_fills_gaps():
+    # rows 0..5 held six one-row texts; texts at rows 1 and 3 finished: the last two fill the gaps
+    assert place([0, 2, 4, 5], [1, 1, 1, 1]) == [0, 2, 1, 3]
+    # a beam text growing from 1 to 3 rows stays where it fits; a newcomer takes the gap after it
+    assert place([0, 1, None], [1, 3, 2]) == [0, 1, 4]
+    # ... and where it does not fit, the one-row text behind it moves out of the way
+    assert place([0, 1], [3, 1]) == [0, 3]
+    # fragmented gaps for a 2-row text: plain packing in the given order
+    assert place([1, 3], [1, 2]) == [0, 1]
 
 
 def test_a_bundle_without_the_slot_decoder_still_serves(tiny_bundle, tmp_path, concat, sources):
