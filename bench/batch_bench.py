@@ -1,6 +1,7 @@
 """Batch-job throughput: segments/s of `nmt batch` on a Multi30k split, in-process engine vs one gRPC server.
 
-    python -m bench.batch_bench --model-dir bundles/en-de [--split test_2016_flickr] [--limit 0]
+    python -m bench.batch_bench --model-dir bundles/en-de [--split test_2016_flickr] [--limit 0] \
+        [--batching static,continuous] [--threads 1]
 
 Both runs translate the same file with the same bundle, chunk size and in-flight window; the
 server runs in a child process on a free loopback port (as `nmt serve` would), so the figure
@@ -24,15 +25,15 @@ from serve.jobs.job import JobConfig, run_job
 from serve.jobs.segments import OrderedOutput, input_identity, read_segments
 
 
-def serve_forever(model_dir: str, device: str, ports: Any, stop: Any) -> None:
+def serve_forever(model_dir: str, device: str, mode: str, threads: int | None, ports: Any, stop: Any) -> None:
     """Child process: one server on port 0 with the bundle; reports its port, runs until `stop`."""
     from serve.engine.translator import EngineConfig, Translator
-    from serve.server.registry import ModelRegistry
+    from serve.server.registry import BatchingConfig, ModelRegistry
     from serve.server.server import ServerConfig, create_server
 
-    registry = ModelRegistry()
+    registry = ModelRegistry(BatchingConfig(mode=mode))
     server, port = create_server(registry, ServerConfig(port=0))
-    registry.add(Translator.from_bundle(model_dir, EngineConfig(device=device)))
+    registry.add(Translator.from_bundle(model_dir, EngineConfig(device=device, intra_op_threads=threads)))
     server.set_serving()
     ports.put(port)
     stop.wait()
@@ -60,7 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam-size", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=32)
     p.add_argument("--in-flight", type=int, default=128)
+    p.add_argument("--batching", default="continuous",
+                   help="the server's scheduler(s), comma-separated: continuous, static")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads (engine and server)")
     args = p.parse_args(argv)
+    modes = [m for m in args.batching.split(",") if m]
+    if not modes or any(m not in ("continuous", "static") for m in modes):
+        raise SystemExit(f"--batching: expected continuous and/or static, got {args.batching!r}")
 
     from nmt.bundle import read_manifest
 
@@ -77,24 +85,30 @@ def main(argv: list[str] | None = None) -> int:
         source = work / "source.txt"
         source.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
-        engine = EngineBackend(args.model_dir, device=args.device)
+        engine = EngineBackend(args.model_dir, device=args.device, intra_op_threads=args.threads)
         local = time_job("in-process", engine, source, work, cfg)
         del engine  # free its sessions before the server loads its own
-
-        ctx = mp.get_context("spawn")
-        ports, stop = ctx.Queue(), ctx.Event()
-        child = ctx.Process(target=serve_forever, args=(args.model_dir, args.device, ports, stop))
-        child.start()
-        try:
-            port = ports.get(timeout=120)
-            remote = GrpcBackend([f"127.0.0.1:{port}"], timeout=60, max_retries=5, give_up_after=60)
-            served = time_job("server", remote, source, work, cfg)
-            remote.close()
-        finally:
-            stop.set()
-            child.join(timeout=30)
-    print(f"server / in-process: {served / local:.2f}")
+        served = {m: time_served(m, args, source, work, cfg) for m in modes}
+    for m, rate in served.items():
+        print(f"server ({m}) / in-process: {rate / local:.2f}")
     return 0
+
+
+def time_served(mode: str, args: argparse.Namespace, source: Path, work: Path, cfg: JobConfig) -> float:
+    ctx = mp.get_context("spawn")
+    ports, stop = ctx.Queue(), ctx.Event()
+    child = ctx.Process(target=serve_forever,
+                        args=(args.model_dir, args.device, mode, args.threads, ports, stop))
+    child.start()
+    try:
+        port = ports.get(timeout=120)
+        remote = GrpcBackend([f"127.0.0.1:{port}"], timeout=60, max_retries=5, give_up_after=60)
+        rate = time_job(f"server {mode}", remote, source, work, cfg)
+        remote.close()
+    finally:
+        stop.set()
+        child.join(timeout=30)
+    return rate
 
 
 if __name__ == "__main__":

@@ -44,11 +44,12 @@ class Backend(Protocol):
 class EngineBackend:
     """The ONNX Runtime engine in this process: no network, no retries."""
 
-    def __init__(self, model_dir: str, device: str = "auto"):
+    def __init__(self, model_dir: str, device: str = "auto", intra_op_threads: int | None = None):
         # Imported here: the gRPC path need not load onnxruntime.
         from serve.engine.translator import EngineConfig, Translator
 
-        self.translator = Translator.from_bundle(model_dir, EngineConfig(device=device))
+        config = EngineConfig(device=device, intra_op_threads=intra_op_threads)
+        self.translator = Translator.from_bundle(model_dir, config)
         self.model_dir = model_dir
         self.calls = 0
 
