@@ -18,6 +18,7 @@ offered here: texts that want them run on DecoderCache with the alignment graph.
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from serve.engine.runtime import Runtime
 
 FIRST_LENGTH = 32  # slots per row at first; doubled when a row needs more (a copy of the filled part)
+_sources = itertools.count()  # ids of encoded sources, unique in the process (SlotCache.owner)
 
 
 def moved(index: np.ndarray) -> np.ndarray:
@@ -60,6 +62,9 @@ class SlotCache:
         self.alignment_layer: int | None = None  # alignments need DecoderCache (see the module doc)
         self.alignment: np.ndarray | None = None
         self.cross, self.mask = cross, mask  # (Rc, H, S, Dh) per name, (Rc, S): the first cross_rows used
+        # (Rc,) which encoded source each cross row holds (-1: none). A gather copies only the rows whose
+        # source changes: a beam reorder moves rows inside a text's block, whose cross K/V are all alike.
+        self.owner = np.array([next(_sources) for _ in range(mask.shape[0])], dtype=np.int64)
         self._keepalive = keepalive  # the encoder's OrtValues the first cross arrays are views of
         n = runtime.n_layers
         self.self_pairs = [(fmt.present_name(i, "decoder", w), fmt.past_name(i, "decoder", w))
@@ -106,7 +111,7 @@ class SlotCache:
 
     def keep(self, rows: np.ndarray, group: int = 1) -> None:
         """New row j = old row rows[j] (beam reorder, duplicates, finished rows dropped): only the rows
-        that move are copied, each up to the longest row's length."""
+        that move are copied, each up to the longest moved row's length."""
         rows = rows.astype(np.int64)
         cross = rows // self.group  # (R',) the cross row every new row reads
         new_group = 1
@@ -114,10 +119,11 @@ class SlotCache:
             per = cross.reshape(-1, group)  # (R'/g, g)
             if (per == per[:, :1]).all():
                 cross, new_group = per[:, 0], group
-        n, filled = len(rows), self.position
+        n = len(rows)
         if n > next(iter(self.past.values())).shape[0]:
             self._resize(n, 0)
         to = moved(rows)
+        filled = int(self.lengths[rows[to]].max(initial=0))  # the longest row that moves, not the batch's
         if len(to) and filled:
             for buf in self.past.values():
                 buf[to, :, :filled] = buf[rows[to], :, :filled]  # (moved, H, filled, Dh), read before written
@@ -127,14 +133,17 @@ class SlotCache:
         self._bound = None
 
     def _gather_cross(self, index: np.ndarray) -> None:
+        """New cross row j = old row index[j]; copies only the rows whose source changes."""
         n = len(index)
         if n > self.mask.shape[0]:
             self._resize_cross(n, self.mask.shape[1])
-        to = moved(index)
+        wanted = self.owner[index]  # (n,)
+        to = np.flatnonzero(wanted != self.owner[:n])
         if len(to):
             for buf in self.cross.values():
-                buf[to] = buf[index[to]]
+                buf[to] = buf[index[to]]  # (moved, H, S, Dh), read before written
             self.mask[to] = self.mask[index[to]]
+        self.owner[:n] = wanted
 
     def join(self, other: SlotCache) -> None:
         """Append `other`'s rows (just encoded, nothing fed yet) after this batch's rows: their
@@ -156,6 +165,7 @@ class SlotCache:
             buf[r:r + extra, :, :s] = other.cross[name][:extra]
         self.mask[r:r + extra] = False
         self.mask[r:r + extra, :s] = other.mask[:extra]
+        self.owner[r:r + extra] = other.owner[:extra]
         if r + extra > next(iter(self.past.values())).shape[0]:
             self._resize(r + extra, 0)
         self.rows += extra
@@ -180,6 +190,9 @@ class SlotCache:
         used, s = self.cross_rows, self.mask.shape[1]
         self.cross = {n: grown(b, rows, src_len, used, s, axis=2) for n, b in self.cross.items()}
         self.mask = grown(self.mask, rows, src_len, used, s, axis=1)
+        owner = np.full(rows, -1, dtype=np.int64)  # (rows,) rows past the used ones hold nothing yet
+        owner[:used] = self.owner[:used]
+        self.owner = owner
         self._keepalive = []
 
 

@@ -92,6 +92,26 @@ def test_keep_copies_only_rows_that_move(translator):
     assert np.array_equal(cache.mask[:2], [[True] * 4, [True, True, True, False]])
 
 
+def test_a_beam_reorder_copies_no_cross_rows(translator):
+    """Rows that stay with their source keep their cross K/V where they are; a row taking another
+    source's place gets that source's."""
+    cache = translator.encode([[5, 6, 7, 2], [9, 10, 2]])
+    assert isinstance(cache, SlotCache)
+    cache.step(np.array([1, 1]), 1)
+    first = {n: b[0].copy() for n, b in cache.cross.items()}
+    cache.keep(np.array([0, 0, 1]))  # source 0 now has two beams: row 1 gets source 0's cross K/V
+    for n, b in cache.cross.items():
+        assert np.array_equal(b[1], first[n])
+    assert np.array_equal(cache.mask[1], cache.mask[0])
+    for b in cache.cross.values():
+        b[0, 0, 0, 0] = 123.0  # a mark: row 0 is rewritten only if a copy lands there
+    cache.keep(np.array([1, 0, 2]))  # the two beams of source 0 swap rows: no cross copy at all
+    assert all(b[0, 0, 0, 0] == 123.0 for b in cache.cross.values())
+    cache.keep(np.array([2, 1]))  # source 1 moves to row 0: copied
+    assert all(b[0, 0, 0, 0] != 123.0 for b in cache.cross.values())
+    assert cache.mask[0].tolist() == [True, True, True, False]
+
+
 def test_place_keeps_texts_where_they_are_and_fills_gaps():
     # rows 0..5 held six one-row texts; texts at rows 1 and 3 finished: the last two fill the gaps
     assert place([0, 2, 4, 5], [1, 1, 1, 1]) == [0, 2, 1, 3]
