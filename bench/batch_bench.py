@@ -1,7 +1,7 @@
 """Batch-job throughput: segments/s of `nmt batch` on a Multi30k split, in-process engine vs one gRPC server.
 
     python -m bench.batch_bench --model-dir bundles/en-de [--split test_2016_flickr] [--limit 0] \
-        [--batching static,continuous] [--threads 1]
+        [--batching static,continuous[:TOKENS]] [--threads 1]
 
 Both runs translate the same file with the same bundle, chunk size and in-flight window; the
 server runs in a child process on a free loopback port (as `nmt serve` would), so the figure
@@ -15,23 +15,28 @@ import argparse
 import gzip
 import multiprocessing as mp
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from nmt.decoding import DecodeOptions
+from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS
 from serve.jobs.backends import Backend, EngineBackend, GrpcBackend
 from serve.jobs.job import JobConfig, run_job
 from serve.jobs.segments import OrderedOutput, input_identity, read_segments
 
 
 def serve_forever(model_dir: str, device: str, mode: str, threads: int | None, ports: Any, stop: Any) -> None:
-    """Child process: one server on port 0 with the bundle; reports its port, runs until `stop`."""
+    """Child process: one server on port 0 with the bundle; reports its port, runs until `stop`.
+    mode: continuous or static, optionally with the batch token budget (`continuous:24576`)."""
     from serve.engine.translator import EngineConfig, Translator
     from serve.server.registry import BatchingConfig, ModelRegistry
     from serve.server.server import ServerConfig, create_server
 
-    registry = ModelRegistry(BatchingConfig(mode=mode))
+    name, _, tokens = mode.partition(":")
+    budget = int(tokens or DEFAULT_MAX_BATCH_TOKENS)
+    registry = ModelRegistry(BatchingConfig(mode=name, max_batch_tokens=budget))
     server, port = create_server(registry, ServerConfig(port=0))
     registry.add(Translator.from_bundle(model_dir, EngineConfig(device=device, intra_op_threads=threads)))
     server.set_serving()
@@ -62,13 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=32)
     p.add_argument("--in-flight", type=int, default=128)
     p.add_argument("--batching", default="continuous",
-                   help="the server's scheduler(s), comma-separated: continuous, static")
+                   help="the server's scheduler(s), comma-separated: continuous, static, each optionally "
+                        "with its batch token budget (continuous:24576)")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime intra-op threads (engine and server)")
     args = p.parse_args(argv)
     modes = [m for m in args.batching.split(",") if m]
-    if not modes or any(m not in ("continuous", "static") for m in modes):
-        raise SystemExit(f"--batching: expected continuous and/or static, got {args.batching!r}")
+    if not modes or any(not re.fullmatch(r"(continuous|static)(:[1-9]\d*)?", m) for m in modes):
+        raise SystemExit(f"--batching: expected continuous and/or static[:TOKENS], got {args.batching!r}")
 
     from nmt.bundle import read_manifest
 

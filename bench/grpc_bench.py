@@ -66,10 +66,11 @@ def start_server(bundle: Path, device: str, extra: list[str]) -> tuple[subproces
 
 
 def interleaved_latency(engine_translate, grpc_translate, texts: list[str], n: int,
-                        block: int = 25) -> tuple[list[float], list[float]]:
+                        block: int = 1) -> tuple[list[float], list[float]]:
     """Blocks of `block` sentences through the engine, then the same through gRPC, alternating: a shared
-    machine's load drift hits both alike, and one side's ONNX Runtime threads, which spin for a while
-    after each run, do not steal the CPU from every call of the other side."""
+    machine's load drift (which moves both by 10-30% within seconds here) hits both alike. One sentence
+    a block by default: the engine's ONNX Runtime pools do not spin after a run (serve.engine.runtime),
+    so neither side's threads steal the CPU from the other's next call."""
     for text in texts[:10]:  # warm-up
         engine_translate(text)
         grpc_translate(text)
