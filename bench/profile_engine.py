@@ -32,9 +32,9 @@ from typing import Any
 
 BUCKETS = {
     "decoder session run (ORT)": "decoder graph: attention, FFN, projection, log-softmax, top-k",
-    "decoder step host work": "feeds, masks, IO binding, top-k copied to the host (DecoderCache.step)",
+    "decoder step host work": "feeds, masks, IO binding, top-k to the host (DecoderCache/SlotCache.step)",
     "reorder session run (ORT)": "dropping finished rows / reordering beams on the device",
-    "reorder host work": "IO binding of every cache tensor (DecoderCache.keep)",
+    "reorder host work": "IO binding of the cache (DecoderCache.keep), moved rows copied (SlotCache.keep)",
     "encoder session run (ORT)": "encoder + cross K/V, once per batch",
     "encoder host work": "padding, empty cache, IO binding (Runtime.start)",
     "Python search loop and the rest": "greedy/beam bookkeeping, batching, tokenize, detokenize",
@@ -91,17 +91,22 @@ def run_batches(translator: Any, texts: list[str], batch: int, options: Any) -> 
 def split_time(translator: Any, texts: list[str], batch: int, options: Any) -> dict[str, Any]:
     """Pass 1: bucket sizes from timers; returns seconds per bucket and the decoder steps run."""
     from serve.engine.runtime import DecoderCache
+    from serve.engine.slots import SlotCache
 
     rt = translator.runtime
     totals: dict[str, float] = defaultdict(float)
-    sessions = {"encoder": rt.encoder, "decoder": rt.decoder, "reorder": rt.reorder}
-    originals = {k: g.session for k, g in sessions.items()}
+    # The slot decoder (the CPU default) counts as the decoder: one of the two runs a given step.
+    sessions = [("encoder", rt.encoder), ("decoder", rt.decoder), ("reorder", rt.reorder),
+                ("decoder", rt.slot_decoder)]
     with contextlib.ExitStack() as stack:
-        for label, graph in sessions.items():
+        for label, graph in sessions:
+            if graph is None:
+                continue
+            stack.callback(setattr, graph, "session", graph.session)
             graph.session = TimedSession(graph.session, label, totals)
-            stack.callback(setattr, graph, "session", originals[label])
-        stack.enter_context(timed_method(DecoderCache, "step", "step", totals))
-        stack.enter_context(timed_method(DecoderCache, "keep", "keep", totals))
+        for cache in (DecoderCache, SlotCache):
+            stack.enter_context(timed_method(cache, "step", "step", totals))
+            stack.enter_context(timed_method(cache, "keep", "keep", totals))
         stack.enter_context(timed_method(rt, "start", "start", totals))
         steps0, start = translator.steps, time.perf_counter()
         run_batches(translator, texts, batch, options)

@@ -112,6 +112,27 @@ def test_a_beam_reorder_copies_no_cross_rows(translator):
     assert cache.mask[0].tolist() == [True, True, True, False]
 
 
+def test_steps_reuse_one_io_binding_until_the_rows_change(translator, sources):
+    cache = translator.encode(sources[:3])
+    assert isinstance(cache, SlotCache)
+    cache.step(np.array([1, 1, 1]), 2)
+    io = cache._io
+    cache.keep(np.array([2, 0, 0]))  # a reorder: same rows, same buffers
+    values, ids = cache.step(np.array([5, 6, 7]), 2)
+    assert cache._io is io and values.shape == ids.shape == (3, 2)
+    cache.step(np.array([5, 6, 7]), 1)  # another k: other outputs
+    assert cache._io is not io
+    io = cache._io
+    cache.keep(np.array([0, 1]))
+    cache.step(np.array([8, 9]), 1)
+    assert cache._io is not io and cache._io.rows == 2
+    # the outputs handed back are the caller's: the next step does not overwrite them
+    first, _ = cache.step(np.array([8, 9]), 1)
+    kept = first.copy()
+    cache.step(np.array([10, 11]), 1)
+    assert np.array_equal(first, kept)
+
+
 def test_place_keeps_texts_where_they_are_and_fills_gaps():
     # rows 0..5 held six one-row texts; texts at rows 1 and 3 finished: the last two fill the gaps
     assert place([0, 2, 4, 5], [1, 1, 1, 1]) == [0, 2, 1, 3]
