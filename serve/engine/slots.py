@@ -213,9 +213,10 @@ class StepBinding:
             b.bind_ortvalue_output(present, value)
         host = {name: buf[:rc] for name, buf in cache.cross.items()}  # (Rc, H, S, Dh)
         host[fmt.ENCODER_ATTENTION_MASK] = cache.mask[:rc]  # (Rc, S)
-        self.small = {fmt.INPUT_IDS: np.zeros((R, 1), np.int64), fmt.POSITION_IDS: np.zeros((R, 1), np.int64),
-                      fmt.SEQLENS_K: np.zeros(R, np.int32), fmt.TOTAL_SEQUENCE_LENGTH: np.zeros(1, np.int32),
-                      fmt.TOP_K: np.array([k], np.int64)}
+        self.small: dict[str, np.ndarray] = {
+            fmt.INPUT_IDS: np.zeros((R, 1), np.int64), fmt.POSITION_IDS: np.zeros((R, 1), np.int64),
+            fmt.SEQLENS_K: np.zeros(R, np.int32), fmt.TOTAL_SEQUENCE_LENGTH: np.zeros(1, np.int32),
+            fmt.TOP_K: np.array([k], np.int64)}
         for name, array in {**host, **self.small}.items():
             b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
         self.values = np.zeros((R, k), np.float32)  # (R, k) top-k log-probs, written by every run
