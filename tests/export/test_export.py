@@ -78,7 +78,7 @@ def test_manifest_describes_the_bundle(tiny_bundle, tiny_checkpoint):
         cfg["tgt_vocab_size"], cfg["max_positions"])
     assert (m.pad_id, m.unk_id, m.bos_id, m.eos_id) == (0, 1, 2, 3)
     assert set(m.files) == {sb.ENCODER_FILE, sb.DECODER_FILE, sb.DECODER_ALIGNMENTS_FILE, sb.REORDER_FILE,
-                            sb.TOKENIZER_FILE}
+                            sb.DECODER_SLOTS_FILE, sb.TOKENIZER_FILE}
     assert m.raw["training"]["step"] == 150
     v = m.raw["validation"]
     assert v["passed"] and v["worst"]["max_abs_diff"] <= 1e-4
@@ -91,7 +91,9 @@ def test_manifest_describes_the_bundle(tiny_bundle, tiny_checkpoint):
                 "reorder": (sb.reorder_input_names(L), sb.reorder_output_names(L)),
                 # Alignments have their own graph: the normal decoder does not even compute cross_attention.
                 "decoder_alignments": (sb.decoder_input_names(L),
-                                       sb.decoder_output_names(L, alignments=True))}
+                                       sb.decoder_output_names(L, alignments=True)),
+                # The slot decoder: per-row lengths instead of a mask, its present bound to its past.
+                "decoder_slots": (sb.slot_decoder_input_names(L), sb.decoder_output_names(L))}
     loaded = sessions(tiny_bundle)
     assert set(loaded) == set(expected)
     for graph, sess in loaded.items():

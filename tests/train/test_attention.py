@@ -137,7 +137,11 @@ def test_alignments_off_changes_nothing(beam, translator, model_and_tokenizer):
     on = translator.translate(TEXTS, DecodeOptions(beam_size=beam, n_best=beam, return_alignments=True))
     for a, b in zip(off, on):
         assert [h.tokens for h in a.hypotheses] == [h.tokens for h in b.hypotheses]
-        assert [(h.score, h.log_prob) for h in a.hypotheses] == [(h.score, h.log_prob) for h in b.hypotheses]
+        # Without alignments the CPU engine runs the slot decoder, with them the alignment graph: the
+        # same decisions, scores equal to float32 rounding (the two attention kernels sum in different
+        # orders; the alignment graph equals the plain decoder bit for bit, tests/export/test_fused.py).
+        assert [x for h in a.hypotheses for x in (h.score, h.log_prob)] == pytest.approx(
+            [x for h in b.hypotheses for x in (h.score, h.log_prob)], abs=1e-4)
         assert all(h.alignment is None for h in a.hypotheses)
     if beam == 1:  # and the output without alignments is still the PyTorch reference's
         ref = greedy_decode_cached(model, translator.tokenize(TEXTS), DecodeOptions())
