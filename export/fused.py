@@ -5,9 +5,12 @@ SkipLayerNorm in them (pre-norm residuals have two consumers, the Where mask and
 not match its patterns). These graphs are built from the same weights with
   * MultiHeadAttention: self-attention over past/present (the Q/K/V biases packed into its bias
     input), cross-attention over the encoder's cached K/V with the source padding mask;
-  * SkipLayerNormalization: residual add + output-projection bias + the next LayerNorm in one op;
+  * the residual add, output-projection bias and next LayerNorm as Add + LayerNormalization: ORT's
+    fused SkipLayerNormalization (`skip_layernorm=True`) is slower on CPU (16 of 98 ms of a 64-sentence
+    encoder batch, against 4 of 88 ms; batch-64 decoding up to 1.28x faster without it, batch 1 the
+    same or better: onnxruntime 1.31, bench/results/skip-layernorm.md);
   * the 1/sqrt(head_dim) scale folded into the query projection, sqrt(d_model) into the embedding.
-Both ops have CPU and CUDA kernels. The IO contract is nmt.bundle's, unchanged, with one
+Every op has CPU and CUDA kernels. The IO contract is nmt.bundle's, unchanged, with one
 extension recorded in the manifest (`optimizations`): the cross-attention K/V and encoder mask may
 hold one row per *source* while the other inputs hold `rows_per_source` rows each (beam search),
 the queries of a source's beams are then attended together (a reshape, no copy of the K/V).
@@ -53,7 +56,7 @@ def unsupported(cfg: ModelConfig) -> list[str]:
 class Builder:
     """Accumulates nodes and initializers; names are made unique by a counter."""
 
-    def __init__(self, skip_layernorm: bool = True) -> None:
+    def __init__(self, skip_layernorm: bool = False) -> None:
         self.skip_layernorm = skip_layernorm
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
@@ -162,7 +165,7 @@ def cross_probs(b: Builder, qg: str, key: str, src_bias: str, q: str, heads: int
     return b.one("Unsqueeze", [mean, b.const([1])])  # (R, 1, T, S)
 
 
-def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bool = True,
+def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bool = False,
                   slots: bool = False) -> None:
     """The decoder with nmt.bundle's decoder IO and the alignment output (cross_attention, stripped
     from decoder.onnx by the exporter as for traced graphs), written with fused ops (pre-norm only).
@@ -248,7 +251,7 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
     save(b, inputs, outputs, path, opset, "nmt fused slot decoder" if slots else "nmt fused decoder")
 
 
-def fused_encoder(model: Transformer, path: Path, opset: int, skip_layernorm: bool = True) -> None:
+def fused_encoder(model: Transformer, path: Path, opset: int, skip_layernorm: bool = False) -> None:
     """encoder.onnx with nmt.bundle's encoder IO, written with fused ops (pre-norm models only)."""
     cfg = model.cfg
     L, H, Dh, D = cfg.n_decoder_layers, cfg.n_heads, cfg.head_dim, cfg.d_model

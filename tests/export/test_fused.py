@@ -30,9 +30,13 @@ def op_types(path) -> set[str]:
 
 def test_default_bundle_is_fused_and_says_so(tiny_bundle):
     m = sb.read_manifest(tiny_bundle)
-    assert m.optimizations == {sb.FUSED_ATTENTION, sb.GROUPED_CROSS_KV}
-    for f in (sb.ENCODER_FILE, sb.DECODER_FILE):
-        assert {"MultiHeadAttention", "SkipLayerNormalization"} <= op_types(tiny_bundle / f)
+    assert m.optimizations == {sb.FUSED_ATTENTION, sb.GROUPED_CROSS_KV, sb.SLOT_CACHE}
+    assert "GroupQueryAttention" in op_types(tiny_bundle / sb.DECODER_SLOTS_FILE)
+    for f in (sb.ENCODER_FILE, sb.DECODER_FILE, sb.DECODER_SLOTS_FILE):
+        ops = op_types(tiny_bundle / f)
+        # fused attention; plain Add + LayerNormalization (faster than ORT's SkipLayerNormalization on CPU)
+        assert "MultiHeadAttention" in ops and "LayerNormalization" in ops
+        assert "SkipLayerNormalization" not in ops
     # The alignment graph is the fused decoder plus the probabilities beside MHA, validated too.
     assert "MultiHeadAttention" in op_types(tiny_bundle / sb.DECODER_ALIGNMENTS_FILE)
     v = m.raw["validation"]
