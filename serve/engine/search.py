@@ -42,6 +42,18 @@ def reorder(cache: StepCache, index: list[int], group: int = 1) -> None:
         cache.keep(np.asarray(index, dtype=np.int64), group)
 
 
+def fill_gaps(live: np.ndarray) -> np.ndarray:
+    """The rows to keep (live[r]) as a keep index in which live rows below the new row count stay
+    where they are and the last live rows fill the gaps: a cache that copies the rows that move
+    (serve.engine.slots) then copies one row per finished row, not every row after it."""
+    keep = np.flatnonzero(live)  # (R',) ascending
+    n = len(keep)
+    index = np.arange(n)  # (R',) new row j = old row index[j]: j itself while row j is live
+    gaps = np.flatnonzero(~live[:n])  # rows below n that finished
+    index[gaps] = keep[keep >= n]  # as many live rows beyond n as there are gaps below it
+    return index
+
+
 def greedy_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos: int, eos: int,
                   stopped: Callable[[int], bool], compaction: bool = True,
                   prefixes: list[list[int]] | None = None) -> list[Hypothesis | None]:
@@ -78,7 +90,7 @@ def greedy_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos
         if not live.any():
             break
         if compaction and not live.all():
-            keep = np.flatnonzero(live)
+            keep = fill_gaps(live)
             cache.keep(keep)
             rows, feed, live = rows[keep], feed[keep], live[keep]
         eos_banned = step < opts.min_length

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from nmt.decoding import DecodeOptions, normalised_score
-from serve.engine.search import beam_search, greedy_search
+from serve.engine.search import beam_search, fill_gaps, greedy_search
 
 BOS, EOS, V = 2, 3, 12
 
@@ -118,3 +118,14 @@ def test_beam_finds_at_least_the_greedy_score():
     for b, g in zip(beams, greedy):
         assert b is not None and g is not None
         assert b[0].score >= g.score - 1e-5
+
+
+def test_compaction_fills_gaps_with_the_last_rows():
+    """Finished rows' places go to the last live rows; the rows before stay (a slot cache copies
+    only rows that move)."""
+    live = np.array([1, 0, 1, 1, 0, 1, 1], dtype=bool)
+    assert fill_gaps(live).tolist() == [0, 5, 2, 3, 6]
+    assert fill_gaps(np.array([0, 0, 1], dtype=bool)).tolist() == [2]
+    assert fill_gaps(np.array([1, 1, 0], dtype=bool)).tolist() == [0, 1]
+    keep = fill_gaps(np.array([0, 1, 1, 0, 1, 1, 1, 0], dtype=bool))
+    assert sorted(keep.tolist()) == [1, 2, 4, 5, 6] and int((keep != np.arange(len(keep))).sum()) == 2
