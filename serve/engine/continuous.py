@@ -43,8 +43,8 @@ from nmt.decoding import DecodeOptions, Hypothesis, StopSignal
 from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS
 from serve.engine.runtime import DecoderCache
 from serve.engine.scheduler import BatchMetrics, Job, StepListener, wait_for_room
-from serve.engine.search import Beam, advance, finish_live, force, hypothesis
-from serve.engine.slots import SlotCache, place
+from serve.engine.search import Beam, advance, finish_live, force, hypothesis, place
+from serve.engine.slots import SlotCache
 
 if TYPE_CHECKING:
     from serve.engine.translator import Translator

@@ -54,6 +54,32 @@ def fill_gaps(live: np.ndarray) -> np.ndarray:
     return index
 
 
+def place(current: list[int | None], sizes: list[int]) -> list[int]:
+    """Destination first rows for groups of `sizes` rows (a text's rows) that now start at `current`
+    (None: nowhere yet), packed into sum(sizes) rows with as few moves as possible: a group that
+    fits where it is stays, the others fill the gaps left to right. Every gather copies the rows
+    that change, so compaction then costs the rows moved into gaps, not every row after the first."""
+    total = sum(sizes)
+    free = np.ones(total, dtype=bool)
+    start: list[int | None] = [None] * len(sizes)
+    for i, (at, size) in enumerate(zip(current, sizes)):
+        if at is not None and at + size <= total and free[at:at + size].all():
+            free[at:at + size] = False
+            start[i] = at
+    for i, size in enumerate(sizes):
+        if start[i] is not None:
+            continue
+        gaps = np.flatnonzero(free)
+        for g in gaps:
+            if g + size <= total and free[g:g + size].all():
+                free[g:g + size] = False
+                start[i] = int(g)
+                break
+        else:  # the gaps are fragmented for this group: plain packing in the given order
+            return [int(x) for x in np.cumsum([0, *sizes[:-1]])]
+    return [int(s) for s in start if s is not None]
+
+
 def greedy_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos: int, eos: int,
                   stopped: Callable[[int], bool], compaction: bool = True,
                   prefixes: list[list[int]] | None = None) -> list[Hypothesis | None]:
@@ -233,15 +259,19 @@ def beam_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos: 
         # The next layout: each live source's beams continue from their parents' rows; without
         # compaction finished sources keep their rows (fed, results unused).
         kept = [i for i in spans if compaction is False or not beams[i].done]
+        src_rows = {i: beams[i].parents if not beams[i].done else list(range(spans[i][0], sum(spans[i])))
+                    for i in kept}
+        # Sources that fit where they are keep their rows; the last ones fill finished sources' places
+        # (a slot cache copies only the rows that move).
+        starts = place([spans[i][0] for i in kept], [len(src_rows[i]) for i in kept])
         index: list[int] = []
         feed: list[int] = []
         new_spans = {}
-        for i in kept:
+        for _, i in sorted(zip(starts, kept)):
             beam = beams[i]
-            src_rows = beam.parents if not beam.done else list(range(spans[i][0], spans[i][0] + spans[i][1]))
-            new_spans[i] = (len(index), len(src_rows))
-            index += src_rows
-            feed += [eos] * len(src_rows) if beam.done else [t[-1] if t else bos for t in beam.live]
+            new_spans[i] = (len(index), len(src_rows[i]))
+            index += src_rows[i]
+            feed += [eos] * len(src_rows[i]) if beam.done else [t[-1] if t else bos for t in beam.live]
         counts = {count for _, count in new_spans.values()}
         # Every source with the same number of rows (k beams each, or 1 at the first step): the
         # cache may keep one cross-attention row per source.

@@ -223,29 +223,3 @@ class StepBinding:
         self.ids = np.zeros((R, k), np.int64)  # (R, k)
         b.bind_ortvalue_output(fmt.TOPK_VALUES, ort.OrtValue.ortvalue_from_numpy(self.values))
         b.bind_ortvalue_output(fmt.TOPK_INDICES, ort.OrtValue.ortvalue_from_numpy(self.ids))
-
-
-def place(current: list[int | None], sizes: list[int]) -> list[int]:
-    """Destination first rows for groups of `sizes` rows (a text's rows) that now start at `current`
-    (None: nowhere yet), packed into sum(sizes) rows with as few moves as possible: a group that
-    fits where it is stays, the others fill the gaps left to right. Every gather copies the rows
-    that change, so compaction then costs the rows moved into gaps, not every row after the first."""
-    total = sum(sizes)
-    free = np.ones(total, dtype=bool)
-    start: list[int | None] = [None] * len(sizes)
-    for i, (at, size) in enumerate(zip(current, sizes)):
-        if at is not None and at + size <= total and free[at:at + size].all():
-            free[at:at + size] = False
-            start[i] = at
-    for i, size in enumerate(sizes):
-        if start[i] is not None:
-            continue
-        gaps = np.flatnonzero(free)
-        for g in gaps:
-            if g + size <= total and free[g:g + size].all():
-                free[g:g + size] = False
-                start[i] = int(g)
-                break
-        else:  # the gaps are fragmented for this group: plain packing in the given order
-            return [int(x) for x in np.cumsum([0, *sizes[:-1]])]
-    return [int(s) for s in start if s is not None]

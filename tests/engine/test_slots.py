@@ -17,7 +17,8 @@ from nmt import bundle as fmt
 from nmt.decoding import DecodeOptions, StopSignal
 from serve.engine.continuous import ContinuousScheduler
 from serve.engine.runtime import DecoderCache
-from serve.engine.slots import FIRST_LENGTH, SlotCache, place
+from serve.engine.search import place
+from serve.engine.slots import FIRST_LENGTH, SlotCache
 from serve.engine.translator import EngineConfig, Translator
 
 
