@@ -29,6 +29,7 @@ import numpy as np
 from nmt.decoding import DecodeOptions, StopSignal
 from nmt.files import atomic_write_text
 from serve.engine.continuous import ContinuousScheduler
+from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS
 from serve.engine.scheduler import BatchScheduler
 from serve.engine.translator import EngineConfig, Translator
 
@@ -48,9 +49,11 @@ def workload(translator: Translator, data_dir: Path, n: int, seed: int) -> list[
 
 
 def make(mode: str, translators: dict[str, Translator]) -> BatchScheduler | ContinuousScheduler:
+    """static, continuous, or `continuous:TOKENS` (the continuous loop with another token budget)."""
     if mode == "static":
         return BatchScheduler(translators[mode])
-    return ContinuousScheduler(translators[mode])
+    _, _, tokens = mode.partition(":")
+    return ContinuousScheduler(translators[mode], max_batch_tokens=int(tokens or DEFAULT_MAX_BATCH_TOKENS))
 
 
 def run_load(mode: str, translators: dict[str, Translator], work: list[tuple[str, bool]],
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="open-loop runs per row and scheduler (medians)")
     p.add_argument("--skip-grpc", action="store_true", help="open loop only")
     p.add_argument("--out", type=Path, help="also write the tables to this markdown file")
+    p.add_argument("--continuous-budget", type=int, action="append", default=[], metavar="TOKENS",
+                   help="open loop also as continuous:TOKENS, the continuous loop with this token budget")
     p.add_argument("--compare-concat", action="store_true",
                    help=f"open loop also as {CONCAT}: the continuous loop without the slot decoder")
     args = p.parse_args(argv)
@@ -155,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     translators = {m: translator for m in MODES}
     if args.compare_concat:
         translators[CONCAT] = Translator.from_bundle(args.model_dir, replace(config, slot_cache=False))
+    for tokens in args.continuous_budget:
+        translators[f"continuous:{tokens}"] = translator
     work = workload(translator, args.data_dir, args.requests, args.seed)
     load = os.getloadavg()
     lines = [f"Batching benchmark: {args.model_dir}, {args.requests} requests per row, seed {args.seed}, "
