@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from nmt.decoding import DecodeOptions, normalised_score
-from serve.engine.search import beam_search, fill_gaps, greedy_search
+from serve.engine.search import beam_search, fill_gaps, greedy_search, place
 
 BOS, EOS, V = 2, 3, 12
 
@@ -129,3 +129,15 @@ def test_compaction_fills_gaps_with_the_last_rows():
     assert fill_gaps(np.array([1, 1, 0], dtype=bool)).tolist() == [0, 1]
     keep = fill_gaps(np.array([0, 1, 1, 0, 1, 1, 1, 0], dtype=bool))
     assert sorted(keep.tolist()) == [1, 2, 4, 5, 6] and int((keep != np.arange(len(keep))).sum()) == 2
+
+
+def test_fill_gaps_is_place_for_one_row_groups():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        live = rng.random(int(rng.integers(1, 40))) < 0.7
+        if not live.any():
+            continue
+        rows = np.flatnonzero(live)
+        index = np.empty(len(rows), dtype=np.int64)
+        index[place(rows.tolist(), [1] * len(rows))] = rows  # new row place(...)[i] holds old row rows[i]
+        assert fill_gaps(live).tolist() == index.tolist()
