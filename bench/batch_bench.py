@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench.batching_bench import parse_mode
 from nmt.decoding import DecodeOptions
-from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS
 from serve.jobs.backends import Backend, EngineBackend, GrpcBackend
 from serve.jobs.job import JobConfig, run_job
 from serve.jobs.segments import OrderedOutput, input_identity, read_segments
@@ -34,8 +34,7 @@ def serve_forever(model_dir: str, device: str, mode: str, threads: int | None, p
     from serve.server.registry import BatchingConfig, ModelRegistry
     from serve.server.server import ServerConfig, create_server
 
-    name, _, tokens = mode.partition(":")
-    budget = int(tokens or DEFAULT_MAX_BATCH_TOKENS)
+    name, budget = parse_mode(mode)
     registry = ModelRegistry(BatchingConfig(mode=name, max_batch_tokens=budget))
     server, port = create_server(registry, ServerConfig(port=0))
     registry.add(Translator.from_bundle(model_dir, EngineConfig(device=device, intra_op_threads=threads)))

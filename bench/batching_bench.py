@@ -48,12 +48,17 @@ def workload(translator: Translator, data_dir: Path, n: int, seed: int) -> list[
     return [(rng.choice(short), True) if rng.random() < 0.7 else (rng.choice(long_), False) for _ in range(n)]
 
 
+def parse_mode(mode: str) -> tuple[str, int]:
+    """`static`, `continuous` or either with a token budget (`continuous:24576`): (scheduler, budget)."""
+    name, _, tokens = mode.partition(":")
+    return name, int(tokens or DEFAULT_MAX_BATCH_TOKENS)
+
+
 def make(mode: str, translators: dict[str, Translator]) -> BatchScheduler | ContinuousScheduler:
     """static, continuous, or `continuous:TOKENS` (the continuous loop with another token budget)."""
     if mode == "static":
         return BatchScheduler(translators[mode])
-    _, _, tokens = mode.partition(":")
-    return ContinuousScheduler(translators[mode], max_batch_tokens=int(tokens or DEFAULT_MAX_BATCH_TOKENS))
+    return ContinuousScheduler(translators[mode], max_batch_tokens=parse_mode(mode)[1])
 
 
 def run_load(mode: str, translators: dict[str, Translator], work: list[tuple[str, bool]],
