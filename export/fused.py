@@ -110,22 +110,30 @@ class Builder:
         y = self.one("MatMul", [a, self.weight(f"{prefix}.ff2.weight", down.weight.detach().float().T)])
         return y, self.weight(f"{prefix}.ff2.bias", down.bias)
 
-    def self_attention(self, h: str, attn: Any, prefix: str, heads: int, head_dim: int,
-                       extra: list[str], outputs: list[str] | None = None) -> tuple[str, list[str]]:
-        """MHA over packed Q/K/V (one MatMul, biases inside MHA); `extra` = the optional MHA inputs
-        after the bias (key_padding_mask, attention_bias, past_key, past_value)."""
+    def packed_qkv(self, h: str, attn: Any, prefix: str, head_dim: int) -> str:
+        """h @ [Wq*s; Wk; Wv].T without the biases (MultiHeadAttention adds them), s = 1/sqrt(head_dim)."""
         s = 1.0 / math.sqrt(head_dim)
         w = torch.cat([attn.q_proj.weight * s, attn.k_proj.weight, attn.v_proj.weight], 0)  # (3D, D)
+        return self.one("MatMul", [h, self.weight(f"{prefix}.qkv.weight", w.detach().float().T)])
+
+    def attention(self, qkv: str, attn: Any, prefix: str, heads: int, head_dim: int, extra: list[str],
+                  outputs: list[str] | None = None) -> list[str]:
+        """MultiHeadAttention over packed Q/K/V (..., 3D) with their biases; `extra` = the optional MHA
+        inputs after the bias (key_padding_mask, attention_bias, past_key, past_value)."""
+        s = 1.0 / math.sqrt(head_dim)
         bias = torch.cat([attn.q_proj.bias * s, attn.k_proj.bias, attn.v_proj.bias])  # (3D,)
-        qkv = self.one("MatMul", [h, self.weight(f"{prefix}.qkv.weight", w.detach().float().T)])
         q, k, v = self.op("Split", [qkv, self.const([attn.q_proj.out_features] * 3)], n_out=3, axis=-1)
         ins = [q, k, v, self.weight(f"{prefix}.qkv.bias", bias)] + extra
-        n_out = 3 if outputs else 1
-        out = self.op("MultiHeadAttention", ins, n_out=n_out, outputs=outputs, domain=MS,
-                      num_heads=heads, scale=1.0)
+        return self.op("MultiHeadAttention", ins, n_out=3 if outputs else 1, outputs=outputs, domain=MS,
+                       num_heads=heads, scale=1.0)
+
+    def self_attention(self, h: str, attn: Any, prefix: str, heads: int, head_dim: int,
+                       extra: list[str], outputs: list[str] | None = None) -> tuple[str, list[str]]:
+        """Packed Q/K/V projection, MultiHeadAttention and the output projection (without its bias)."""
+        out = self.attention(self.packed_qkv(h, attn, prefix, head_dim), attn, prefix, heads, head_dim,
+                             extra, outputs)
         w_out = self.weight(f"{prefix}.out.weight", attn.out_proj.weight.detach().float().T)
-        y = self.one("MatMul", [out[0], w_out])
-        return y, out
+        return self.one("MatMul", [out[0], w_out]), out
 
     def slot_self_attention(self, h: str, attn: Any, prefix: str, heads: int, head_dim: int,
                             cache: list[str], outputs: list[str]) -> str:
@@ -133,14 +141,15 @@ class Builder:
         many K/V heads as query heads (plain MHA) on the packed, biased Q/K/V; `cache` = past key,
         past value, seqlens_k, total_sequence_length. Per-row lengths, no mask, no concatenation."""
         s = 1.0 / math.sqrt(head_dim)
-        w = torch.cat([attn.q_proj.weight * s, attn.k_proj.weight, attn.v_proj.weight], 0)  # (3D, D)
         bias = torch.cat([attn.q_proj.bias * s, attn.k_proj.bias, attn.v_proj.bias])  # (3D,)
-        qkv = self.one("MatMul", [h, self.weight(f"{prefix}.qkv.weight", w.detach().float().T)])
-        qkv = self.one("Add", [qkv, self.weight(f"{prefix}.qkv.bias", bias.detach().float())])  # (R, 1, 3D)
+        qkv = self.packed_qkv(h, attn, prefix, head_dim)
+        qkv = self.one("Add", [qkv, self.weight(f"{prefix}.qkv.bias", bias.detach().float())])  # (R, 3D)
+        qkv = self.one("Reshape", [qkv, self.const([-1, 1, 3 * heads * head_dim])])  # (R, 1, 3D)
         out = self.op("GroupQueryAttention", [qkv, "", "", *cache], outputs=outputs, domain=MS,
                       num_heads=heads, kv_num_heads=heads, scale=1.0)
+        out2d = self.one("Reshape", [out[0], self.const([-1, heads * head_dim])])  # (R, D)
         w_out = self.weight(f"{prefix}.out.weight", attn.out_proj.weight.detach().float().T)
-        return self.one("MatMul", [out[0], w_out])
+        return self.one("MatMul", [out2d, w_out])
 
 
 def cross_probs(b: Builder, qg: str, key: str, src_bias: str, q: str, heads: int, head_dim: int,
@@ -169,14 +178,21 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
                   slots: bool = False) -> None:
     """The decoder with nmt.bundle's decoder IO and the alignment output (cross_attention, stripped
     from decoder.onnx by the exporter as for traced graphs), written with fused ops (pre-norm only).
-    slots: decoder_slots.onnx instead (nmt.bundle's slot decoder IO; no alignment output)."""
+    slots: decoder_slots.onnx instead (nmt.bundle's slot decoder IO; no alignment output). It feeds
+    one token per row, so it works on (R, D) matrices: 2-D MatMuls, whose bias adds ONNX Runtime folds
+    into Gemm (and the first FFN's ReLU with it), and top-k straight from a (R, V) LogSoftmax that is
+    not an output (ONNX Runtime computes every output, fetched or not; nmt.bundle.SLOT_TOPK)."""
     cfg = model.cfg
     L, H, Dh, D = cfg.n_decoder_layers, cfg.n_heads, cfg.head_dim, cfg.d_model
     b = Builder(skip_layernorm)
     emb = b.weight("tgt_embed.scaled", model.tgt_embed.weight.detach().float() * math.sqrt(D))
     pos = b.weight("positions", model.pos.table)
-    tok = b.one("Gather", [emb, sb.INPUT_IDS])  # (R, T, D)
-    pe = b.one("Gather", [pos, sb.POSITION_IDS])  # (R, T, D)
+    if slots:  # one token per row: (R, D) from here on
+        tok = b.one("Gather", [emb, b.one("Reshape", [sb.INPUT_IDS, b.const([-1])])])  # (R, D)
+        pe = b.one("Gather", [pos, b.one("Reshape", [sb.POSITION_IDS, b.const([-1])])])  # (R, D)
+    else:
+        tok = b.one("Gather", [emb, sb.INPUT_IDS])  # (R, T, D)
+        pe = b.one("Gather", [pos, sb.POSITION_IDS])  # (R, T, D)
     neg = b.weight("mask_fill", np.array(-1e30, np.float32))
     zero = b.weight("zero", np.array(0.0, np.float32))
     if not slots:  # the self-attention mask becomes MHA's additive bias (R, 1, T, P+T), shared by every layer
@@ -210,7 +226,7 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
         att = b.one("MultiHeadAttention", [qg, *cross_kv, "", src_mask], domain=MS, num_heads=H, scale=1.0)
         if not slots:
             align.append(cross_probs(b, qg, cross_kv[0], src_bias, q, H, Dh, opset))
-        att = b.one("Reshape", [att, b.one("Shape", [q])])  # (R, T, D)
+        att = b.one("Reshape", [att, b.const([-1, D]) if slots else b.one("Shape", [q])])  # (R, [T,] D)
         y = b.one("MatMul", [att, b.weight(f"{p}.cross.out.weight", ca.out_proj.weight.detach().float().T)])
         nxt = layers[i + 1].res_self.norm if i + 1 < L else model.decoder_norm
         out_bias = b.weight(f"{p}.cross.out.bias", ca.out_proj.bias)
@@ -218,8 +234,11 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
         y, bias = b.ffn(h, layer.ff, p)
         h, x = b.skip_norm(y, x, nxt, bias, f"{p}.ln_next")
     gen = b.weight("generator.weight", model.generator.weight.detach().float().T)  # (D, V)
-    b.op("LogSoftmax", [b.one("MatMul", [h, gen])], outputs=[sb.LOG_PROBS], axis=-1)
-    last = b.one("Gather", [sb.LOG_PROBS, b.weight("last", np.array(-1, np.int64))], axis=1)  # (R, V)
+    if slots:
+        last = b.one("LogSoftmax", [b.one("MatMul", [h, gen])], axis=-1)  # (R, V)
+    else:
+        b.op("LogSoftmax", [b.one("MatMul", [h, gen])], outputs=[sb.LOG_PROBS], axis=-1)
+        last = b.one("Gather", [sb.LOG_PROBS, b.weight("last", np.array(-1, np.int64))], axis=1)  # (R, V)
     b.op("TopK", [last, sb.TOP_K], outputs=[sb.TOPK_VALUES, sb.TOPK_INDICES], axis=-1)
     if not slots:
         b.op("Concat", align, outputs=[sb.CROSS_ATTENTION], axis=1)  # (R, L, T, S)
@@ -239,9 +258,10 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
             for w in ("key", "value"):
                 inputs.append(helper.make_tensor_value_info(sb.past_name(i, kind, w), FLOAT, shape))
     inputs.append(helper.make_tensor_value_info(sb.TOP_K, INT64, [1]))
-    outputs = [helper.make_tensor_value_info(sb.LOG_PROBS, FLOAT, ["batch", "new_len", cfg.tgt_vocab_size]),
-               helper.make_tensor_value_info(sb.TOPK_VALUES, FLOAT, ["batch", "k"]),
-               helper.make_tensor_value_info(sb.TOPK_INDICES, INT64, ["batch", "k"])]
+    outputs = [] if slots else [
+        helper.make_tensor_value_info(sb.LOG_PROBS, FLOAT, ["batch", "new_len", cfg.tgt_vocab_size])]
+    outputs += [helper.make_tensor_value_info(sb.TOPK_VALUES, FLOAT, ["batch", "k"]),
+                helper.make_tensor_value_info(sb.TOPK_INDICES, INT64, ["batch", "k"])]
     present: list[str | int] = ["batch", H, "max_len" if slots else "total_len", Dh]
     outputs += [helper.make_tensor_value_info(sb.present_name(i, "decoder", w), FLOAT, present)
                 for i in range(L) for w in ("key", "value")]
@@ -252,43 +272,65 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
 
 
 def fused_encoder(model: Transformer, path: Path, opset: int, skip_layernorm: bool = False) -> None:
-    """encoder.onnx with nmt.bundle's encoder IO, written with fused ops (pre-norm models only)."""
+    """encoder.onnx with nmt.bundle's encoder IO, written with fused ops (pre-norm models only).
+
+    Padding is removed (nmt.bundle.PACKED_ENCODER): the position-wise layers (projections, FFN,
+    LayerNorm, residuals) run on the N real tokens as one (N, D) matrix, and only attention sees the
+    padded (B, S) layout. A batch of sorted test sentences is about 30% padding, so this is about 30%
+    of the encoder's arithmetic. The 2-D MatMuls also let ONNX Runtime fold their bias adds into Gemm.
+    Padded positions of the outputs hold a copy of the row's last real token (they are masked
+    everywhere downstream)."""
     cfg = model.cfg
     L, H, Dh, D = cfg.n_decoder_layers, cfg.n_heads, cfg.head_dim, cfg.d_model
     b = Builder(skip_layernorm)
     emb = b.weight("src_embed.scaled", model.src_embed.weight.detach().float() * math.sqrt(D))
     pos = b.weight("positions", model.pos.table)
-    tok = b.one("Gather", [emb, sb.INPUT_IDS])  # (B, S, D)
-    # Positions 0..S-1: a slice of the table, broadcast over the batch by SkipLayerNorm's add.
-    S = b.one("Slice", [b.one("Shape", [sb.INPUT_IDS]), b.const([1]), b.const([2])])
-    pe = b.one("Unsqueeze", [b.one("Slice", [pos, b.const([0]), S]), b.const([0])])  # (1, S, D)
-    pe = b.one("Expand", [pe, b.one("Shape", [tok])])  # (B, S, D): SkipLayerNorm wants equal shapes
+    flat_mask = b.one("Reshape", [sb.ATTENTION_MASK, b.const([-1])])  # (B*S,)
+    to_flat = b.one("Reshape", [b.one("NonZero", [flat_mask]), b.const([-1])])  # (N,) real positions
+    # to_padded[p] = the flat row of padded position p: its own token, or (padding) the row's last one.
+    axis0 = b.weight("axis0", np.array(0, np.int64))
+    count = b.one("CumSum", [b.one("Cast", [flat_mask], to=INT64), axis0])  # (B*S,)
+    to_padded = b.one("Max", [b.one("Sub", [count, b.const([1])]), b.const([0])])  # (B*S,)
+    ids_shape = b.one("Shape", [sb.INPUT_IDS])  # [B, S]
+    S = b.one("Slice", [ids_shape, b.const([1]), b.const([2])])  # [S]
+    ids = b.one("Gather", [b.one("Reshape", [sb.INPUT_IDS, b.const([-1])]), to_flat])  # (N,)
+    tok = b.one("Gather", [emb, ids])  # (N, D)
+    pe = b.one("Gather", [pos, b.one("Mod", [to_flat, S])])  # (N, D): position = flat index mod S
+
+    def padded(x: str, width: int | list[int]) -> str:
+        """(N, W) real-token rows -> (B, S, *width) with padding (a gather, no zeros to fill)."""
+        dims = width if isinstance(width, list) else [width]
+        return b.one("Reshape", [b.one("Gather", [x, to_padded]),
+                                 b.one("Concat", [ids_shape, b.const(dims)], axis=0)])
+
     mask = b.one("Cast", [sb.ATTENTION_MASK], to=TensorProto.INT32)  # (B, S)
     layers: list[Any] = list(model.encoder_layers)
-    h, x = b.skip_norm(tok, pe, layers[0].res_attn.norm, None, "enc.0.ln_attn")
+    h, x = b.skip_norm(tok, pe, layers[0].res_attn.norm, None, "enc.0.ln_attn")  # (N, D)
     for i, layer in enumerate(layers):
         p = f"enc.{i}"
-        y, _ = b.self_attention(h, layer.self_attn, f"{p}.self", H, Dh, [mask])
+        att = b.attention(padded(b.packed_qkv(h, layer.self_attn, f"{p}.self", Dh), 3 * D),
+                          layer.self_attn, f"{p}.self", H, Dh, [mask])[0]  # (B, S, D)
+        att = b.one("Gather", [b.one("Reshape", [att, b.const([-1, D])]), to_flat])  # (N, D)
+        y = b.one("MatMul", [att, b.weight(f"{p}.self.out.weight",
+                                           layer.self_attn.out_proj.weight.detach().float().T)])
         out_bias = b.weight(f"{p}.self.out.bias", layer.self_attn.out_proj.bias)
         h, x = b.skip_norm(y, x, layer.res_ff.norm, out_bias, f"{p}.ln_ff")
         y, bias = b.ffn(h, layer.ff, p)
         nxt = layers[i + 1].res_attn.norm if i + 1 < len(layers) else model.encoder_norm
         h, x = b.skip_norm(y, x, nxt, bias, f"{p}.ln_next")
-    b.op("Identity", [h], outputs=[sb.LAST_HIDDEN_STATE])
-    # Every decoder layer's cross K/V from one MatMul: (B, S, 2*L*D) -> (B, S, 2L, H, Dh) -> per tensor BNSH.
+    b.op("Identity", [padded(h, D)], outputs=[sb.LAST_HIDDEN_STATE])
+    # Every decoder layer's cross K/V from one MatMul on the real tokens: (N, 2*L*D) -> padded
+    # (B, S, 2L*H, Dh) -> (B, 2L*H, S, Dh), split into the 2L outputs (B, H, S, Dh).
     ws, bs = [], []
     decoder_layers: list[Any] = list(model.decoder_layers)
     for layer in decoder_layers:
         for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj):
             ws.append(proj.weight.detach().float())
             bs.append(proj.bias.detach().float())
-    kv = b.linear(h, torch.cat(ws, 0), torch.cat(bs), "cross_kv")
-    kv = b.one("Reshape", [kv, b.const([0, 0, 2 * L, H, Dh])])
-    kv = b.one("Transpose", [kv], perm=[2, 0, 3, 1, 4])  # (2L, B, H, S, Dh)
-    parts = b.op("Split", [kv, b.const([1] * (2 * L))], n_out=2 * L, axis=0)
+    kv = padded(b.linear(h, torch.cat(ws, 0), torch.cat(bs), "cross_kv"), [2 * L * H, Dh])  # (B, S, 2LH, Dh)
+    kv = b.one("Transpose", [kv], perm=[0, 2, 1, 3])  # (B, 2L*H, S, Dh)
     names = sb.encoder_output_names(L)[1:]
-    for part, name in zip(parts, names):
-        b.op("Squeeze", [part, b.const([0])], outputs=[name])
+    b.op("Split", [kv, b.const([H] * (2 * L))], outputs=names, axis=1)  # 2L x (B, H, S, Dh)
     inputs = [helper.make_tensor_value_info(sb.INPUT_IDS, INT64, ["batch", "src_len"]),
               helper.make_tensor_value_info(sb.ATTENTION_MASK, BOOL, ["batch", "src_len"])]
     outputs = [helper.make_tensor_value_info(sb.LAST_HIDDEN_STATE, FLOAT, ["batch", "src_len", D])]

@@ -7,6 +7,7 @@ Encoder graph (`encoder.onnx`)
   in : input_ids [batch, src_len] int64, attention_mask [batch, src_len] bool
   out: last_hidden_state [batch, src_len, d_model],
        present.{i}.encoder.key / .value [batch, heads, src_len, head_dim]  (every decoder layer's cross K/V)
+  Padded positions of the outputs are unspecified (masked wherever they are read).
 Decoder graph (`decoder.onnx`), one graph for every step (first step with past_len = 0)
   in : input_ids, position_ids [batch, new_len] int64,
        self_attention_mask [batch, new_len, past_len + new_len] bool,
@@ -27,14 +28,15 @@ Slot decoder (`decoder_slots.onnx`, optional, bundles listing SLOT_CACHE): the d
        past_key_values.{i}.decoder.key / .value [batch, heads, max_len, head_dim]  (row r's tokens in
        slots 0..seqlens_k[r]-1; bound to the same buffers as present.{i}.decoder.*, which gain the new
        token at slot seqlens_k[r]), past_key_values.{i}.encoder.*, top_k
-  out: log_probs, topk_values, topk_indices, present.{i}.decoder.key / .value (the past buffers)
+  out: topk_values, topk_indices, present.{i}.decoder.key / .value (the past buffers); bundles
+       without SLOT_TOPK also have log_probs first
 Reorder graph (`reorder.onnx`): a gather on the batch axis, so beams and finished rows are
   reordered/dropped where the cache lives (on the GPU) without a host round trip.
   in : index [new_batch] int64, and every cache tensor of the decoder plus encoder_attention_mask
   out: "reordered." + each of those names
 Manifest (`manifest.json`, written by export.pipeline)
   format_version, name, src_lang, tgt_lang, dtype (fp32|fp16|int8), opset,
-  optimizations [fused_attention, grouped_cross_kv, slot_cache] (optional; see FUSED_OPTIMIZATIONS below),
+  optimizations [fused_attention, grouped_cross_kv, slot_cache, ...] (optional; see FUSED_OPTIMIZATIONS),
   model {n_encoder_layers, n_decoder_layers, d_model, n_heads, head_dim, vocab_size, max_positions, ...},
   special_ids {pad, unk, bos, eos}, files {file: {sha256, bytes}},
   io {graph: {inputs, outputs: [{name, dtype, shape}]}}, io_dtypes {cache, log_probs, ...}
@@ -64,7 +66,10 @@ GROUPED_CROSS_KV = "grouped_cross_kv"  # the decoder also accepts cross K/V and 
 # per source while the other inputs hold rows_per_source rows each (consecutive rows = one source's beams)
 SLOT_CACHE = "slot_cache"  # the bundle also has decoder_slots.onnx (see above): rows of any age share a
 # step without padding, join and leave without copying the cache
-FUSED_OPTIMIZATIONS = (FUSED_ATTENTION, GROUPED_CROSS_KV, SLOT_CACHE)
+PACKED_ENCODER = "packed_encoder"  # the encoder removes padding: its position-wise layers run on the real
+# tokens only (padded output positions hold copies of the row's last token)
+SLOT_TOPK = "slot_topk"  # the slot decoder outputs top-k only (no log_probs) and works on (rows, d_model)
+FUSED_OPTIMIZATIONS = (FUSED_ATTENTION, GROUPED_CROSS_KV, SLOT_CACHE, PACKED_ENCODER, SLOT_TOPK)
 KNOWN_OPTIMIZATIONS = frozenset(FUSED_OPTIMIZATIONS)
 
 ENCODER_FILE = "encoder.onnx"
@@ -129,6 +134,11 @@ def decoder_output_names(n_layers: int, alignments: bool = False) -> list[str]:
     return [LOG_PROBS, TOPK_VALUES, TOPK_INDICES] + [
         present_name(i, "decoder", w) for i in range(n_layers) for w in ("key", "value")] + (
         [CROSS_ATTENTION] if alignments else [])
+
+
+def slot_decoder_output_names(n_layers: int) -> list[str]:
+    """The slot decoder's outputs in bundles listing SLOT_TOPK (older ones have log_probs first)."""
+    return decoder_output_names(n_layers)[1:]
 
 
 def reorder_input_names(n_layers: int) -> list[str]:
