@@ -157,7 +157,9 @@ def markdown(report: dict[str, Any]) -> str:
            f"Machine: {meta['machine']} (load average {meta.get('load_average')} at start); "
            f"threads per runtime: {meta['threads']}; "
            f"sentences: {meta['sentences']} ({meta['test_src']}), latency over the first "
-           f"{meta['latency_sentences']}; repeats: {meta['repeats']} (medians, warm-up excluded).", "",
+           f"{meta['latency_sentences']}; repeats: {meta['repeats']} (medians, warm-up excluded)"
+           + (f"; rounds: {meta['rounds']} (every row run that many times round-robin, medians)"
+              if meta.get("rounds", 1) > 1 else "") + ".", "",
            "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), ""]
     body = []
     for r in report["rows"]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,21 @@ def run_row(row: RowSpec, paths: dict[str, str], texts: list[str],
     return run_worker("bench.worker", [], job, args.threads)
 
 
+def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from its rounds: the median of each timing, the highest peak RSS, the first round's
+    outputs (every round decodes the same sentences); a failed round fails the row."""
+    failed = [r for r in results if r.get("error")]
+    if failed or len(results) == 1:
+        return failed[0] if failed else results[0]
+    row = dict(results[0])
+    for key in ("latency_ms", "latency_p90_ms", "tokens_per_s", "throughput_s"):
+        values = [r[key] for r in results if r.get(key) is not None]
+        row[key] = statistics.median(values) if values else None
+    row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in results)
+    row["rounds"] = {key: [r.get(key) for r in results] for key in ("latency_ms", "tokens_per_s")}
+    return row
+
+
 def run_grpc(bundle: str, texts: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """gRPC vs in-process latency and concurrent throughput (bench.grpc_bench) of the fp32 greedy engine."""
     job = {"kind": "grpc", "bundle": bundle, "texts": texts, "threads": args.threads,
@@ -125,6 +141,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="sentences timed one by one (also all the uncached PyTorch loop decodes)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of every runtime")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (medians are reported)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every row this many times, round-robin in alternating order (medians reported): "
+                        "on a host whose speed drifts, rows compared are then measured at the same times")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--skip-grpc", action="store_true", help="leave out the gRPC measurements")
     p.add_argument("--grpc-requests", type=int, default=200, help="sequential one-sentence requests timed")
@@ -133,7 +152,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rows", help="comma-separated subset of rows to run (default: all)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("sentences", "latency_sentences", "threads", "repeats", "grpc_requests"):
+    for name in ("sentences", "latency_sentences", "threads", "repeats", "rounds", "grpc_requests"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.grpc_duration <= 0:
@@ -234,13 +253,16 @@ def bench(args: argparse.Namespace) -> int:
         specs = select_rows(args)
         paths, langs = prepare(args, specs, Path(tmpdir))
         texts, refs, label = test_set(args, langs["src_lang"], langs["tgt_lang"])
-        rows: list[dict[str, Any]] = []
-        for spec in specs:
-            n = min(args.latency_sentences, len(texts)) if spec.system == "torch-uncached" else len(texts)
-            log(f"{spec.name}: {n} sentences")
-            rows.append({**asdict(spec), **run_row(spec, paths, texts, args)})
-            if rows[-1].get("error"):
-                log(f"{spec.name} FAILED: {rows[-1]['error']}")
+        runs: dict[str, list[dict[str, Any]]] = {spec.name: [] for spec in specs}
+        for round_ in range(args.rounds):  # round-robin: drift on the host hits every row alike
+            for spec in specs if round_ % 2 == 0 else specs[::-1]:
+                n = min(args.latency_sentences, len(texts)) if spec.system == "torch-uncached" else len(texts)
+                of = f" (round {round_ + 1}/{args.rounds})" if args.rounds > 1 else ""
+                log(f"{spec.name}: {n} sentences{of}")
+                runs[spec.name].append(run_row(spec, paths, texts, args))
+                if runs[spec.name][-1].get("error"):
+                    log(f"{spec.name} FAILED: {runs[spec.name][-1]['error']}")
+        rows = [{**asdict(spec), **merge_rounds(runs[spec.name])} for spec in specs]
         grpc, profiles = None, []
         if "bundle_fp32" in paths and not args.skip_grpc:
             log("gRPC: in-process vs gRPC latency, 1/8/32 concurrent clients")
@@ -261,7 +283,7 @@ def bench(args: argparse.Namespace) -> int:
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": report.machine(),
             "threads": args.threads, "sentences": len(texts),
             "latency_sentences": min(args.latency_sentences, len(texts)), "repeats": args.repeats,
-            "test_src": label, "versions": report.versions(), "load_average": load_avg,
+            "rounds": args.rounds, "test_src": label, "versions": report.versions(), "load_average": load_avg,
             "wall_s": round(time.perf_counter() - started, 1)}
     for r in rows:  # outputs stay out of the JSON: the texts are reproducible, the file stays small
         r.pop("outputs", None)

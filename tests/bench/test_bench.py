@@ -100,6 +100,23 @@ def test_bench_prints_and_writes_the_table(tiny_checkpoint, tiny_bundle, tiny_bu
     assert "Three largest costs per step" in stdout
 
 
+def test_rounds_merge_into_medians():
+    """--rounds: each timing is the median over rounds, RSS the highest, outputs the first round's; a
+    failed round fails the row."""
+    from bench.run import merge_rounds
+
+    def result(lat: float, tps: float, rss: float) -> dict:
+        return {"latency_ms": lat, "latency_p90_ms": 2 * lat, "tokens_per_s": tps, "throughput_s": 1 / tps,
+                "peak_rss_mib": rss, "outputs": [([lat], "x")]}
+
+    row = merge_rounds([result(10, 300, 90), result(30, 100, 80), result(20, 200, 85)])
+    assert (row["latency_ms"], row["latency_p90_ms"], row["tokens_per_s"]) == (20, 40, 200)
+    assert row["peak_rss_mib"] == 90 and row["outputs"] == [([10], "x")]
+    assert row["rounds"] == {"latency_ms": [10, 30, 20], "tokens_per_s": [300, 100, 200]}
+    assert merge_rounds([result(10, 300, 90), {"error": "worker died"}]) == {"error": "worker died"}
+    assert merge_rounds([result(10, 300, 90)])["latency_ms"] == 10
+
+
 def test_check_reports_a_conversion_mismatch():
     """A CTranslate2 row whose tokens differ from PyTorch is a failure, named, never hidden."""
     from bench import report, run
