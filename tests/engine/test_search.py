@@ -80,6 +80,23 @@ def test_greedy_equals_a_plain_loop(min_length, compaction):
         assert len(h.tokens) >= min(min_length, b)
 
 
+@pytest.mark.parametrize("min_length, budget, prefix", [(0, 9, []), (4, 9, []), (0, 0, []), (0, 2, []),
+                                                       (2, 9, [5, 6]), (0, 9, [EOS])])
+def test_one_row_greedy_equals_the_batched_loop(min_length, budget, prefix):
+    """One row takes the scalar loop (greedy_one): the same tokens and float32 sums as that row
+    decoded beside another one, for budgets, min_length and forced prefixes."""
+    opts = DecodeOptions(min_length=min_length)
+    for source in range(8):
+        alone = greedy_search(FakeCache([source]), [budget], opts, BOS, EOS, lambda i: False,
+                              prefixes=[prefix])[0]
+        batched = greedy_search(FakeCache([source, 99]), [budget, 9], opts, BOS, EOS, lambda i: False,
+                                prefixes=[prefix, []])[0]
+        assert alone == batched
+    stopped = [greedy_search(FakeCache(srcs), [budget] * len(srcs), opts, BOS, EOS, lambda i: True,
+                             prefixes=[prefix] * len(srcs))[0] for srcs in ([1], [1, 2])]
+    assert stopped[0] == stopped[1] and (stopped[0] is None) == (budget > 0)  # a row with no budget is done
+
+
 def test_greedy_compaction_drops_finished_rows():
     cache = FakeCache(list(range(16)))
     greedy_search(cache, [2 + i for i in range(16)], DecodeOptions(), BOS, EOS, lambda i: False)
