@@ -60,6 +60,8 @@ def place(current: list[int | None], sizes: list[int]) -> list[int]:
     (None: nowhere yet), packed into sum(sizes) rows with as few moves as possible: a group that
     fits where it is stays, the others fill the gaps left to right. Every gather copies the rows
     that change, so compaction then costs the rows moved into gaps, not every row after the first."""
+    if len(sizes) == 1:  # one source (batch-1 beam search): nothing to place around
+        return [0]
     total = sum(sizes)
     free = np.ones(total, dtype=bool)
     start: list[int | None] = [None] * len(sizes)
