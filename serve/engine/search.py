@@ -10,6 +10,7 @@ walk over the 2k best candidates.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -204,17 +205,14 @@ def candidates(values: np.ndarray, ids: np.ndarray, beam: Beam, k: int, eos: int
     orders them); each row contributes its 2k best tokens, EOS excluded while it is banned.
     """
     n_top = min(2 * k, ids.shape[1] - eos_banned)
-    if eos_banned:
-        keep = ids != eos  # (N, K): at most one False per row
-        # Rows whose top-K missed EOS drop their last entry instead, so every row keeps K - 1.
-        keep[keep.all(axis=1), -1] = False
-        values = values[keep].reshape(len(ids), -1)  # (N, K-1)
-        ids = ids[keep].reshape(len(ids), -1)  # (N, K-1)
-    cum = (beam.live_lp[:, None] + values[:, :n_top]).ravel()  # (N*2k,) float32, as the reference sums
-    flat_ids = ids[:, :n_top].ravel()  # (N*2k,)
-    live_idx = np.repeat(np.arange(len(ids)), n_top)  # (N*2k,)
-    order = np.lexsort((flat_ids, live_idx, -cum))[:2 * k]
-    return list(zip(cum[order], live_idx[order].tolist(), flat_ids[order].tolist()))
+    cum = (beam.live_lp[:, None] + values).tolist()  # (N, K) float32 sums (as the reference), exact
+    ranked: list[tuple[float, int, int]] = []  # (-sum, live index, token): ascending = best first
+    for row, (sums, tokens) in enumerate(zip(cum, ids.tolist())):
+        pairs = [(c, t) for c, t in zip(sums, tokens) if t != eos] if eos_banned else zip(sums, tokens)
+        ranked += [(-c, row, t) for c, t in itertools.islice(pairs, n_top)]
+    # A few dozen entries: Python's sort beats numpy's per-call cost (this runs per source and step).
+    ranked.sort()
+    return [(np.float32(-c), row, t) for c, row, t in ranked[:2 * k]]
 
 
 def advance(beam: Beam, values: np.ndarray, ids: np.ndarray, first_row: int, step: int,

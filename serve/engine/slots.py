@@ -19,6 +19,7 @@ offered here: texts that want them run on DecoderCache with the alignment graph.
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -49,6 +50,23 @@ def grown(buf: np.ndarray, rows: int, axis_len: int, keep_rows: int, keep_len: i
                  for a in range(buf.ndim))
     out[part] = buf[part]
     return out
+
+
+def copy_rows(buffers: np.ndarray, to: np.ndarray, src: np.ndarray, filled: int,
+              pool: ThreadPoolExecutor | None, threads: int) -> None:
+    """buf[to, :, :filled] = buf[src, :, :filled] for every (R, H, L, Dh) buffer buffers[j], the
+    buffers split between this thread and the pool's (threads in all; pool None: all here)."""
+    def copy(part: list[int]) -> None:
+        for j in part:
+            buf = buffers[j]  # a view
+            buf[to, :, :filled] = buf[src, :, :filled]  # (moved, H, filled, Dh), read before written
+
+    every = list(range(len(buffers)))
+    shares = [every[i::threads] for i in range(threads)] if pool else [every]
+    futures = [pool.submit(copy, share) for share in shares[1:] if share] if pool else []
+    copy(shares[0])
+    for future in futures:
+        future.result()
 
 
 class SlotCache:
@@ -131,8 +149,7 @@ class SlotCache:
             if len(to) <= 16:
                 self.kv[:, to, :, :filled] = self.kv[:, rows[to], :, :filled]  # (2L, moved, H, filled, Dh)
             else:
-                for buf in self.kv:
-                    buf[to, :, :filled] = buf[rows[to], :, :filled]  # (moved, H, filled, Dh)
+                copy_rows(self.kv, to, rows[to], filled, self.runtime.copy_pool, self.runtime.copy_threads)
         self._gather_cross(cross)
         self.rows, self.group = n, new_group
         self.lengths = self.lengths[rows]
