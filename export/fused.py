@@ -180,8 +180,9 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
     from decoder.onnx by the exporter as for traced graphs), written with fused ops (pre-norm only).
     slots: decoder_slots.onnx instead (nmt.bundle's slot decoder IO; no alignment output). It feeds
     one token per row, so it works on (R, D) matrices: 2-D MatMuls, whose bias adds ONNX Runtime folds
-    into Gemm (and the first FFN's ReLU with it), and top-k straight from a (R, V) LogSoftmax that is
-    not an output (ONNX Runtime computes every output, fetched or not; nmt.bundle.SLOT_TOPK)."""
+    into Gemm (and the first FFN's ReLU with it). Its TopK runs only for top_k > 2 (beam search):
+    ONNX Runtime's TopK takes ~12x numpy's argmax over a (64, 8000) batch, so greedy steps read
+    the argmax of log_probs (R, V) on the host (nmt.bundle.SLOT_HOST_ARGMAX)."""
     cfg = model.cfg
     L, H, Dh, D = cfg.n_decoder_layers, cfg.n_heads, cfg.head_dim, cfg.d_model
     b = Builder(skip_layernorm)
@@ -234,12 +235,12 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
         y, bias = b.ffn(h, layer.ff, p)
         h, x = b.skip_norm(y, x, nxt, bias, f"{p}.ln_next")
     gen = b.weight("generator.weight", model.generator.weight.detach().float().T)  # (D, V)
+    b.op("LogSoftmax", [b.one("MatMul", [h, gen])], outputs=[sb.LOG_PROBS], axis=-1)  # (R, [T,] V)
     if slots:
-        last = b.one("LogSoftmax", [b.one("MatMul", [h, gen])], axis=-1)  # (R, V)
+        conditional_top_k(b)
     else:
-        b.op("LogSoftmax", [b.one("MatMul", [h, gen])], outputs=[sb.LOG_PROBS], axis=-1)
         last = b.one("Gather", [sb.LOG_PROBS, b.weight("last", np.array(-1, np.int64))], axis=1)  # (R, V)
-    b.op("TopK", [last, sb.TOP_K], outputs=[sb.TOPK_VALUES, sb.TOPK_INDICES], axis=-1)
+        b.op("TopK", [last, sb.TOP_K], outputs=[sb.TOPK_VALUES, sb.TOPK_INDICES], axis=-1)
     if not slots:
         b.op("Concat", align, outputs=[sb.CROSS_ATTENTION], axis=1)  # (R, L, T, S)
     kv: list[str | int] = ["batch", H, "max_len" if slots else "past_len", Dh]
@@ -258,10 +259,12 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
             for w in ("key", "value"):
                 inputs.append(helper.make_tensor_value_info(sb.past_name(i, kind, w), FLOAT, shape))
     inputs.append(helper.make_tensor_value_info(sb.TOP_K, INT64, [1]))
-    outputs = [] if slots else [
-        helper.make_tensor_value_info(sb.LOG_PROBS, FLOAT, ["batch", "new_len", cfg.tgt_vocab_size])]
-    outputs += [helper.make_tensor_value_info(sb.TOPK_VALUES, FLOAT, ["batch", "k"]),
-                helper.make_tensor_value_info(sb.TOPK_INDICES, INT64, ["batch", "k"])]
+    V = cfg.tgt_vocab_size
+    lp_shape: list[str | int] = ["batch", V] if slots else ["batch", "new_len", V]
+    top_shape: list[str | int | None] = [None, None] if slots else ["batch", "k"]  # slots: (1, 1) for k <= 2
+    outputs = [helper.make_tensor_value_info(sb.LOG_PROBS, FLOAT, lp_shape),
+               helper.make_tensor_value_info(sb.TOPK_VALUES, FLOAT, top_shape),
+               helper.make_tensor_value_info(sb.TOPK_INDICES, INT64, top_shape)]
     present: list[str | int] = ["batch", H, "max_len" if slots else "total_len", Dh]
     outputs += [helper.make_tensor_value_info(sb.present_name(i, "decoder", w), FLOAT, present)
                 for i in range(L) for w in ("key", "value")]
@@ -269,6 +272,24 @@ def fused_decoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
         align_shape: list[str | int] = ["batch", L, "new_len", "src_len"]
         outputs.append(helper.make_tensor_value_info(sb.CROSS_ATTENTION, FLOAT, align_shape))
     save(b, inputs, outputs, path, opset, "nmt fused slot decoder" if slots else "nmt fused decoder")
+
+
+def conditional_top_k(b: Builder) -> None:
+    """topk_values/indices of log_probs (R, V) when top_k > 2, else a (1, 1) placeholder of each."""
+    def branch(name: str, nodes: list[onnx.NodeProto]) -> onnx.GraphProto:
+        outs = [helper.make_tensor_value_info(f"{n}.{name}", t, None)
+                for n, t in ((sb.TOPK_VALUES, FLOAT), (sb.TOPK_INDICES, INT64))]
+        return helper.make_graph(nodes, name, [], outs)
+
+    top_outs = [f"{sb.TOPK_VALUES}.top_k", f"{sb.TOPK_INDICES}.top_k"]
+    top = branch("top_k", [helper.make_node("TopK", [sb.LOG_PROBS, sb.TOP_K], top_outs, axis=-1)])
+    placeholder = branch("host_argmax", [
+        helper.make_node("Constant", [], [f"{sb.TOPK_VALUES}.host_argmax"],
+                         value=helper.make_tensor("v", FLOAT, [1, 1], [0.0])),
+        helper.make_node("Constant", [], [f"{sb.TOPK_INDICES}.host_argmax"],
+                         value=helper.make_tensor("i", INT64, [1, 1], [0]))])
+    beam = b.one("Greater", [sb.TOP_K, b.const([2])])  # [1] bool
+    b.op("If", [beam], outputs=[sb.TOPK_VALUES, sb.TOPK_INDICES], then_branch=top, else_branch=placeholder)
 
 
 def fused_encoder(model: Transformer, path: Path, opset: int, skip_layernorm: bool = False) -> None:

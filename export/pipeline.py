@@ -143,7 +143,35 @@ def quantize_int8(out_dir: Path) -> None:
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         finally:
             logging.disable(logging.NOTSET)
+        model = onnx.load(str(tmp))
+        # The quantizer sorts nodes by their explicit inputs only: an If whose branch reads a value
+        # of the outer graph (the slot decoder's top-k) can land before that value's producer.
+        sort_nodes(model.graph)
+        onnx.save(model, str(tmp))
         os.replace(tmp, path)
+
+
+def sort_nodes(graph: onnx.GraphProto) -> None:
+    """Order a graph's nodes topologically, counting the outer values a node's subgraphs read."""
+    def reads(node: onnx.NodeProto) -> set[str]:
+        names = set(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []):
+                made = {o for n in sub.node for o in n.output}
+                names |= {i for n in sub.node for i in reads(n)} - made
+        return names - {""}
+
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    pending, ordered = list(graph.node), []
+    while pending:
+        node = next((n for n in pending if reads(n) <= ready), None)
+        if node is None:
+            raise ExportError(f"graph {graph.name!r} has a cycle or reads a value nothing produces")
+        pending.remove(node)
+        ordered.append(node)
+        ready |= set(node.output)
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def convert_fp16(out_dir: Path) -> None:

@@ -28,8 +28,10 @@ Slot decoder (`decoder_slots.onnx`, optional, bundles listing SLOT_CACHE): the d
        past_key_values.{i}.decoder.key / .value [batch, heads, max_len, head_dim]  (row r's tokens in
        slots 0..seqlens_k[r]-1; bound to the same buffers as present.{i}.decoder.*, which gain the new
        token at slot seqlens_k[r]), past_key_values.{i}.encoder.*, top_k
-  out: topk_values, topk_indices, present.{i}.decoder.key / .value (the past buffers); bundles
-       without SLOT_TOPK also have log_probs first
+  out: log_probs, topk_values, topk_indices, present.{i}.decoder.key / .value (the past buffers);
+       in bundles listing SLOT_HOST_ARGMAX, log_probs is [batch, vocab] and the top-k outputs are
+       computed only for top_k > 2 (else they are a (1, 1) placeholder: greedy search reads its
+       argmax, or best two, from log_probs on the host)
 Reorder graph (`reorder.onnx`): a gather on the batch axis, so beams and finished rows are
   reordered/dropped where the cache lives (on the GPU) without a host round trip.
   in : index [new_batch] int64, and every cache tensor of the decoder plus encoder_attention_mask
@@ -68,8 +70,9 @@ SLOT_CACHE = "slot_cache"  # the bundle also has decoder_slots.onnx (see above):
 # step without padding, join and leave without copying the cache
 PACKED_ENCODER = "packed_encoder"  # the encoder removes padding: its position-wise layers run on the real
 # tokens only (padded output positions hold copies of the row's last token)
-SLOT_TOPK = "slot_topk"  # the slot decoder outputs top-k only (no log_probs) and works on (rows, d_model)
-FUSED_OPTIMIZATIONS = (FUSED_ATTENTION, GROUPED_CROSS_KV, SLOT_CACHE, PACKED_ENCODER, SLOT_TOPK)
+SLOT_HOST_ARGMAX = "slot_host_argmax"  # the slot decoder works on (rows, d_model); its top-k outputs are
+# computed for top_k > 2 only, greedy steps take the argmax of log_probs [rows, vocab] on the host
+FUSED_OPTIMIZATIONS = (FUSED_ATTENTION, GROUPED_CROSS_KV, SLOT_CACHE, PACKED_ENCODER, SLOT_HOST_ARGMAX)
 KNOWN_OPTIMIZATIONS = frozenset(FUSED_OPTIMIZATIONS)
 
 ENCODER_FILE = "encoder.onnx"
@@ -134,11 +137,6 @@ def decoder_output_names(n_layers: int, alignments: bool = False) -> list[str]:
     return [LOG_PROBS, TOPK_VALUES, TOPK_INDICES] + [
         present_name(i, "decoder", w) for i in range(n_layers) for w in ("key", "value")] + (
         [CROSS_ATTENTION] if alignments else [])
-
-
-def slot_decoder_output_names(n_layers: int) -> list[str]:
-    """The slot decoder's outputs in bundles listing SLOT_TOPK (older ones have log_probs first)."""
-    return decoder_output_names(n_layers)[1:]
 
 
 def reorder_input_names(n_layers: int) -> list[str]:

@@ -184,6 +184,13 @@ class Runtime:
         if slot_cache and self.device.type == "cpu" and fmt.SLOT_CACHE in manifest.optimizations:
             self.slot_decoder = Graph(bundle_dir / fmt.DECODER_SLOTS_FILE, options, self.device,
                                       fmt.slot_decoder_input_names(n))
+        # Its greedy steps read log_probs and take the argmax on the host (serve.engine.slots.best_of).
+        self.slot_host_argmax = fmt.SLOT_HOST_ARGMAX in manifest.optimizations
+        self.vocab_size = manifest.vocab_size  # the log_probs width: the slot decoder's, when it has one
+        if self.slot_decoder is not None:
+            outputs = self.slot_decoder.session.get_outputs()
+            width = next((o.shape[-1] for o in outputs if o.name == fmt.LOG_PROBS), None)
+            self.vocab_size = width if isinstance(width, int) else self.vocab_size
         past_type = self.decoder.input_types[fmt.past_name(0, "decoder", "key")]
         self.cache_dtype = NUMPY_DTYPE.get(past_type, np.float32)
         # Alignments need their own graph (a bundle without it serves everything else). It loads on

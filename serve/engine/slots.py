@@ -30,6 +30,7 @@ from nmt import bundle as fmt
 if TYPE_CHECKING:
     from serve.engine.runtime import Runtime
 
+HOST_ARGMAX_ROWS = 4  # from this many rows greedy steps take their argmax on the host (see step)
 FIRST_LENGTH = 32  # slots per row at first; doubled when a row needs more (a copy of the filled part)
 _sources = itertools.count()  # ids of encoded sources, unique in the process (SlotCache.owner)
 
@@ -69,6 +70,19 @@ def copy_rows(buffers: np.ndarray, to: np.ndarray, src: np.ndarray, filled: int,
         future.result()
 
 
+def best_of(log_probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k <= 2 best tokens of each row of log_probs (R, V): values, ids (R, k), best first and the
+    lowest id first among equal values, as ONNX TopK orders them (argmax returns the first maximum)."""
+    rows = np.arange(len(log_probs))
+    ids = log_probs.argmax(axis=1)  # (R,)
+    values = log_probs[rows, ids]  # (R,)
+    if k == 1:
+        return values[:, None], ids[:, None]
+    log_probs[rows, ids] = -np.inf  # the buffer is rewritten by the next step
+    second = log_probs.argmax(axis=1)  # (R,)
+    return np.stack([values, log_probs[rows, second]], axis=1), np.stack([ids, second], axis=1)
+
+
 class SlotCache:
     """The running batch's decoder state on the slot decoder; the same interface as DecoderCache."""
 
@@ -95,6 +109,7 @@ class SlotCache:
         # The step's IO binding: kept while the buffers stay (a resize drops it) and the rows and k
         # are the ones it was made for (gathers and joins write into the same buffers).
         self._io: StepBinding | None = None
+        self._log_probs: np.ndarray | None = None  # (rows, V) greedy steps' log_probs (SLOT_HOST_ARGMAX)
 
     @property
     def position(self) -> int:
@@ -113,9 +128,13 @@ class SlotCache:
         capacity = self.kv.shape[3]
         if total > capacity:
             self._resize(R, max(total, 2 * capacity))
-        if self._io is None or (self._io.k, self._io.rows, self._io.cross_rows) != (k, R, self.cross_rows):
-            self._io = StepBinding(self, k)
+        # SLOT_HOST_ARGMAX graphs leave top-k to the host for k <= 2; below HOST_ARGMAX_ROWS rows the
+        # graph's TopK (asked for 3) costs less than numpy's calls between two runs.
+        host = self.runtime.slot_host_argmax and k <= 2
+        graph_k = 3 if host and R < HOST_ARGMAX_ROWS else k
         io = self._io
+        if io is None or (io.k, io.rows, io.cross_rows) != (graph_k, R, self.cross_rows):
+            io = self._io = StepBinding(self, graph_k)
         io.small[fmt.INPUT_IDS][:, 0] = tokens  # (R, 1)
         io.small[fmt.POSITION_IDS][:, 0] = self.lengths  # (R, 1) each row's own position
         io.small[fmt.SEQLENS_K][:] = self.lengths  # (R,) the new token's slot per row
@@ -125,7 +144,9 @@ class SlotCache:
         graph.session.run_with_iobinding(io.binding)
         self.runtime.count_step()
         self.lengths = self.lengths + 1
-        return io.values.copy(), io.ids.copy()  # the buffers are the next step's outputs too
+        if io.log_probs is not None:  # greedy on SLOT_HOST_ARGMAX graphs: the best k <= 2 here
+            return best_of(io.log_probs, k)
+        return io.values[:, :k].copy(), io.ids[:, :k].copy()  # the buffers are the next step's outputs too
 
     def keep(self, rows: np.ndarray, group: int = 1) -> None:
         """New row j = old row rows[j] (beam reorder, duplicates, finished rows dropped): only the rows
@@ -206,6 +227,13 @@ class SlotCache:
         self.past = self._views()
         self._io = None
 
+    def log_probs_buffer(self, rows: int) -> np.ndarray:
+        """A (rows, V) view of a buffer kept while the cache lives (grown by doubling)."""
+        if self._log_probs is None or self._log_probs.shape[0] < rows:
+            have = 0 if self._log_probs is None else self._log_probs.shape[0]
+            self._log_probs = np.zeros((max(rows, 2 * have), self.runtime.vocab_size), np.float32)
+        return self._log_probs[:rows]
+
     def _views(self) -> dict[str, np.ndarray]:
         """Each past_key_values.{i}.decoder.* buffer: a contiguous (R, H, L, Dh) view of self.kv."""
         return {past: self.kv[j] for j, (_, past) in enumerate(self.self_pairs)}
@@ -250,7 +278,16 @@ class StepBinding:
             fmt.TOP_K: np.array([k], np.int64)}
         for name, array in {**host, **self.small}.items():
             b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-        self.values = np.zeros((R, k), np.float32)  # (R, k) top-k log-probs, written by every run
-        self.ids = np.zeros((R, k), np.int64)  # (R, k)
+        # Graphs with SLOT_HOST_ARGMAX compute top-k for k > 2 only: greedy steps bind log_probs
+        # (R, V) to the cache's buffer and take their best tokens on the host (best_of).
+        # (Bound for every k: ONNX Runtime writes log_probs anyway, into a fresh buffer if unbound.)
+        self.log_probs: np.ndarray | None = None
+        if cache.runtime.slot_host_argmax:
+            log_probs = cache.log_probs_buffer(R)  # (R, V)
+            b.bind_ortvalue_output(fmt.LOG_PROBS, ort.OrtValue.ortvalue_from_numpy(log_probs))
+            self.log_probs = log_probs if k <= 2 else None
+        shape = (1, 1) if self.log_probs is not None else (R, k)  # (1, 1): the graph's placeholder
+        self.values = np.zeros(shape, np.float32)  # (R, k) top-k log-probs, written by every run
+        self.ids = np.zeros(shape, np.int64)  # (R, k)
         b.bind_ortvalue_output(fmt.TOPK_VALUES, ort.OrtValue.ortvalue_from_numpy(self.values))
         b.bind_ortvalue_output(fmt.TOPK_INDICES, ort.OrtValue.ortvalue_from_numpy(self.ids))

@@ -18,7 +18,7 @@ from nmt.decoding import DecodeOptions, StopSignal
 from serve.engine.continuous import ContinuousScheduler
 from serve.engine.runtime import DecoderCache
 from serve.engine.search import place
-from serve.engine.slots import FIRST_LENGTH, SlotCache
+from serve.engine.slots import FIRST_LENGTH, HOST_ARGMAX_ROWS, SlotCache, best_of
 from serve.engine.translator import EngineConfig, Translator
 
 
@@ -121,7 +121,7 @@ def test_steps_reuse_one_io_binding_until_the_rows_change(translator, sources):
     cache.keep(np.array([2, 0, 0]))  # a reorder: same rows, same buffers
     values, ids = cache.step(np.array([5, 6, 7]), 2)
     assert cache._io is io and values.shape == ids.shape == (3, 2)
-    cache.step(np.array([5, 6, 7]), 1)  # another k: other outputs
+    cache.step(np.array([5, 6, 7]), 4)  # another k: other outputs
     assert cache._io is not io
     io = cache._io
     cache.keep(np.array([0, 1]))
@@ -132,6 +132,32 @@ def test_steps_reuse_one_io_binding_until_the_rows_change(translator, sources):
     kept = first.copy()
     cache.step(np.array([10, 11]), 1)
     assert np.array_equal(first, kept)
+
+
+def test_best_of_orders_as_onnx_topk():
+    """Greedy steps of many rows take their k <= 2 best from log_probs on the host: best first, the
+    lowest id first among equal values (TopK's order), the second best never the first again."""
+    rng = np.random.default_rng(0)
+    lp = rng.integers(-4, 0, size=(50, 12)).astype(np.float32)  # few distinct values: many ties
+    want = np.argsort(-lp, axis=1, kind="stable")[:, :2]  # (R, 2)
+    for k in (1, 2):
+        values, ids = best_of(lp.copy(), k)
+        assert ids.shape == values.shape == (50, k)
+        assert np.array_equal(ids, want[:, :k])
+        assert np.array_equal(values, np.take_along_axis(lp, want[:, :k], axis=1))
+
+
+def test_greedy_rows_on_the_host_argmax_equal_the_graph_top_k(translator, sources):
+    """The same step of HOST_ARGMAX_ROWS rows or more: host argmax and the graph's TopK agree."""
+    assert translator.runtime.slot_host_argmax and len(sources) >= HOST_ARGMAX_ROWS
+    tokens = np.arange(5, 5 + len(sources))
+    for k in (1, 2):
+        caches = [translator.encode(sources) for _ in range(2)]
+        host = caches[0].step(tokens, k)
+        assert caches[0]._io.log_probs is not None  # the host path
+        graph = caches[1].step(tokens, 3)  # the graph's TopK
+        assert np.array_equal(host[1], graph[1][:, :k])
+        assert np.allclose(host[0], graph[0][:, :k], atol=1e-6)
 
 
 def test_place_keeps_texts_where_they_are_and_fills_gaps():

@@ -94,7 +94,7 @@ def test_manifest_describes_the_bundle(tiny_bundle, tiny_checkpoint):
                 "decoder_alignments": (sb.decoder_input_names(L),
                                        sb.decoder_output_names(L, alignments=True)),
                 # The slot decoder: per-row lengths instead of a mask, its present bound to its past.
-                "decoder_slots": (sb.slot_decoder_input_names(L), sb.slot_decoder_output_names(L))}
+                "decoder_slots": (sb.slot_decoder_input_names(L), sb.decoder_output_names(L))}
     loaded = sessions(tiny_bundle)
     assert set(loaded) == set(expected)
     for graph, sess in loaded.items():

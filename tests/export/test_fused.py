@@ -31,7 +31,7 @@ def op_types(path) -> set[str]:
 def test_default_bundle_is_fused_and_says_so(tiny_bundle):
     m = sb.read_manifest(tiny_bundle)
     assert m.optimizations == {sb.FUSED_ATTENTION, sb.GROUPED_CROSS_KV, sb.SLOT_CACHE, sb.PACKED_ENCODER,
-                               sb.SLOT_TOPK}
+                               sb.SLOT_HOST_ARGMAX}
     assert "GroupQueryAttention" in op_types(tiny_bundle / sb.DECODER_SLOTS_FILE)
     assert "NonZero" in op_types(tiny_bundle / sb.ENCODER_FILE)  # the real tokens, padding removed
     for f in (sb.ENCODER_FILE, sb.DECODER_FILE, sb.DECODER_SLOTS_FILE):
