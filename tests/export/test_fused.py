@@ -117,3 +117,24 @@ def test_grouped_cross_kv_equals_repeated_kv_and_catches_a_wrong_graph(tiny_bund
     traced = decoder_session(traced_bundle)
     with pytest.raises(Exception):  # noqa: B017 - ORT raises its own shape error types
         check_grouped_cross(model, traced, mask, cross, targets, 4)
+
+
+def test_sort_nodes_counts_what_a_branch_reads():
+    """The int8 quantizer re-sorts nodes by explicit inputs only; sort_nodes puts an If after the
+    producer of a value its branch reads, so the quantized slot decoder stays a valid graph."""
+    from onnx import TensorProto, helper
+
+    from export.pipeline import sort_nodes
+
+    branch = helper.make_graph([helper.make_node("Identity", ["y"], ["z"])], "b", [],
+                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("If", ["c"], ["out"], then_branch=branch, else_branch=branch),  # reads y
+             helper.make_node("Relu", ["x"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+                                           helper.make_tensor_value_info("c", TensorProto.BOOL, [1])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])])
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(helper.make_model(graph))
+    sort_nodes(graph)
+    assert [n.op_type for n in graph.node] == ["Relu", "If"]
+    onnx.checker.check_model(helper.make_model(graph))
