@@ -3,8 +3,9 @@
     python -m bench.levers --variant traced=bundles/traced --variant fused=bundles/fused \
         --variant fused-spin=bundles/fused:spin --threads 1 --data-dir data/multi30k
 
-On a shared machine absolute timings drift with the load, so the variants run round-robin
-(every repeat times each variant once, in turn) and the table's ratios are what to read. Rows:
+On a shared machine absolute timings drift with the load, so the variants run round-robin (each
+sentence, and each batch of a pass, on every variant back to back, the order turning) and the
+table's ratios are what to read. Rows:
 batch-1 latency (median over sentences of the per-sentence median) and batch-64 generated
 tokens/s, greedy and beam 4. `same` says whether a variant's tokens equal the first variant's
 (fp32 variants must agree; int8 ones need not).
@@ -88,15 +89,20 @@ def run(variants: list[Variant], texts: list[str], n_latency: int, repeats: int,
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # shortest-first batches
         batches = [[texts[i] for i in order[s:s + batch]] for s in range(0, len(order), batch)]
         passes: dict[str, list[float]] = {v.name: [] for v in variants}
-        for _ in range(repeats):
-            for v in variants:
-                seconds, out = 0.0, []
-                for chunk in batches:
+        for rep in range(repeats):
+            seconds = {v.name: 0.0 for v in variants}
+            outs: dict[str, list[list[int]]] = {v.name: [] for v in variants}
+            for i, chunk in enumerate(batches):
+                # Every batch on every variant back to back, the order turning each time: drift on
+                # a shared host then hits all variants alike (a whole pass per variant did not).
+                turn = (i + rep) % len(variants)
+                for v in variants[turn:] + variants[:turn]:
                     s, got = timed(lambda: decode(v, chunk))  # noqa: B023
-                    seconds += s
-                    out += got
-                passes[v.name].append(seconds)
-                v.tokens[mode] = out
+                    seconds[v.name] += s
+                    outs[v.name] += got
+            for v in variants:
+                passes[v.name].append(seconds[v.name])
+                v.tokens[mode] = outs[v.name]
         for v in variants:
             n_tokens = sum(map(len, v.tokens[mode]))
             v.times[f"{mode} b1 ms"] = [1000 * statistics.median(per_sentence[v.name])]
