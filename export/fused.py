@@ -359,6 +359,29 @@ def fused_encoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
     save(b, inputs, outputs, path, opset, "nmt fused encoder")
 
 
+def sort_nodes(graph: onnx.GraphProto) -> None:
+    """Order a graph's nodes topologically, counting the outer values a node's subgraphs read."""
+    def reads(node: onnx.NodeProto) -> set[str]:
+        names = set(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []):
+                made = {o for n in sub.node for o in n.output}
+                names |= {i for n in sub.node for i in reads(n)} - made
+        return names - {""}
+
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    pending, ordered = list(graph.node), []
+    while pending:
+        node = next((n for n in pending if reads(n) <= ready), None)
+        if node is None:
+            raise ValueError(f"graph {graph.name!r} has a cycle or reads a value nothing produces")
+        pending.remove(node)
+        ordered.append(node)
+        ready |= set(node.output)
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
 def save(b: Builder, inputs: list, outputs: list, path: Path, opset: int, name: str) -> None:
     graph = helper.make_graph(b.nodes, name, inputs, outputs, initializer=b.inits)
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)]

@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.fused import fused_decoder, fused_encoder, unsupported
+from export.fused import fused_decoder, fused_encoder, sort_nodes, unsupported
 from export.graphs import DecoderGraph, EncoderGraph, ReorderGraph
 from export.validate import validate_graphs
 from nmt import bundle as sb
@@ -149,29 +149,6 @@ def quantize_int8(out_dir: Path) -> None:
         sort_nodes(model.graph)
         onnx.save(model, str(tmp))
         os.replace(tmp, path)
-
-
-def sort_nodes(graph: onnx.GraphProto) -> None:
-    """Order a graph's nodes topologically, counting the outer values a node's subgraphs read."""
-    def reads(node: onnx.NodeProto) -> set[str]:
-        names = set(node.input)
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else []):
-                made = {o for n in sub.node for o in n.output}
-                names |= {i for n in sub.node for i in reads(n)} - made
-        return names - {""}
-
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    pending, ordered = list(graph.node), []
-    while pending:
-        node = next((n for n in pending if reads(n) <= ready), None)
-        if node is None:
-            raise ExportError(f"graph {graph.name!r} has a cycle or reads a value nothing produces")
-        pending.remove(node)
-        ordered.append(node)
-        ready |= set(node.output)
-    del graph.node[:]
-    graph.node.extend(ordered)
 
 
 def convert_fp16(out_dir: Path) -> None:

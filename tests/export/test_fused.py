@@ -124,7 +124,7 @@ def test_sort_nodes_counts_what_a_branch_reads():
     producer of a value its branch reads, so the quantized slot decoder stays a valid graph."""
     from onnx import TensorProto, helper
 
-    from export.pipeline import sort_nodes
+    from export.fused import sort_nodes
 
     branch = helper.make_graph([helper.make_node("Identity", ["y"], ["z"])], "b", [],
                                [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
