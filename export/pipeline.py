@@ -344,7 +344,7 @@ def write_bundle(ckpt: dict[str, Any], model: Transformer, tokenizer: BundleToke
             convert_fp16(tmp)
         split_alignment_graph(tmp)  # decoder.onnx and decoder_alignments.onnx from one graph
         optimizations = [o for o in sb.FUSED_OPTIMIZATIONS if fused and (
-            o != sb.SLOT_CACHE or (tmp / sb.DECODER_SLOTS_FILE).exists())]
+            o not in (sb.SLOT_CACHE, sb.SLOT_HOST_ARGMAX) or (tmp / sb.DECODER_SLOTS_FILE).exists())]
         for f in graph_files(tmp).values():
             onnx.checker.check_model(str(tmp / f))
         export_seconds = time.perf_counter() - start
