@@ -43,7 +43,7 @@ from nmt.decoding import DecodeOptions, Hypothesis, StopSignal
 from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS
 from serve.engine.runtime import DecoderCache
 from serve.engine.scheduler import BatchMetrics, Job, StepListener, wait_for_room
-from serve.engine.search import Beam, advance, finish_live, force, hypothesis, place
+from serve.engine.search import Beam, advance, finish_live, force, greedy_pick, hypothesis, place
 from serve.engine.slots import SlotCache
 
 if TYPE_CHECKING:
@@ -382,12 +382,8 @@ class ContinuousScheduler:
     def _greedy(text: Text, values: np.ndarray, ids: np.ndarray, eos: int, align: int | None) -> None:
         """One greedy step of one text from its row's top-k (serve.engine.search.greedy_search's rule);
         inside a forced prefix the step takes the prefix's token, unscored."""
-        choice = 1 if ids[0] == eos and text.steps < text.options.min_length else 0
-        token = int(ids[choice])
-        if text.forcing:
-            token = text.prefix[text.steps]
-        else:
-            text.log_prob = np.float32(text.log_prob + values[choice])
+        token, gained = greedy_pick(values, ids, text.steps, text.options, eos, text.prefix)
+        text.log_prob = np.float32(text.log_prob + gained)
         if token == eos:
             text.done = text.ended = True
             return

@@ -84,6 +84,17 @@ def place(current: list[int | None], sizes: list[int]) -> list[int]:
     return [int(s) for s in start if s is not None]
 
 
+def greedy_pick(values: np.ndarray, ids: np.ndarray, step: int, opts: DecodeOptions, eos: int,
+                prefix: list[int]) -> tuple[int, np.float32]:
+    """One row's greedy choice at `step` from its top-k values/ids (k): the token and its log-prob.
+    Below min_length the second best stands in for a banned EOS (k >= 2 then); inside a forced
+    prefix the prefix's token, unscored (0)."""
+    if step < len(prefix):
+        return prefix[step], np.float32(0)
+    col = 1 if step < opts.min_length and ids[0] == eos else 0
+    return int(ids[col]), values[col]
+
+
 def greedy_one(cache: StepCache, budget: int, opts: DecodeOptions, bos: int, eos: int,
                stopped: Callable[[], bool], prefix: list[int]) -> Hypothesis | None:
     """greedy_search for one row, on Python scalars. At batch 1 the vectorized loop's two dozen
@@ -96,14 +107,9 @@ def greedy_one(cache: StepCache, budget: int, opts: DecodeOptions, bos: int, eos
         if stopped():
             return None
         step = len(tokens)
-        eos_banned = step < opts.min_length
-        values, ids = cache.step(feed, 2 if eos_banned else 1)  # (1, k)
-        col = 1 if eos_banned and ids[0, 0] == eos else 0  # below min_length the second best stands in
-        if step < len(prefix):
-            token = prefix[step]  # forced, unscored
-        else:
-            token = int(ids[0, col])
-            log_prob = np.float32(log_prob + values[0, col])
+        values, ids = cache.step(feed, 2 if step < opts.min_length else 1)  # (1, k)
+        token, gained = greedy_pick(values[0], ids[0], step, opts, eos, prefix)
+        log_prob = np.float32(log_prob + gained)
         if token == eos:
             ended = True
             break
