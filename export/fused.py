@@ -116,14 +116,18 @@ class Builder:
         w = torch.cat([attn.q_proj.weight * s, attn.k_proj.weight, attn.v_proj.weight], 0)  # (3D, D)
         return self.one("MatMul", [h, self.weight(f"{prefix}.qkv.weight", w.detach().float().T)])
 
+    def packed_bias(self, attn: Any, prefix: str, head_dim: int) -> str:
+        """[bq*s, bk, bv] (3D,), the biases of packed_qkv's columns."""
+        s = 1.0 / math.sqrt(head_dim)
+        bias = torch.cat([attn.q_proj.bias * s, attn.k_proj.bias, attn.v_proj.bias])  # (3D,)
+        return self.weight(f"{prefix}.qkv.bias", bias.detach().float())
+
     def attention(self, qkv: str, attn: Any, prefix: str, heads: int, head_dim: int, extra: list[str],
                   outputs: list[str] | None = None) -> list[str]:
         """MultiHeadAttention over packed Q/K/V (..., 3D) with their biases; `extra` = the optional MHA
         inputs after the bias (key_padding_mask, attention_bias, past_key, past_value)."""
-        s = 1.0 / math.sqrt(head_dim)
-        bias = torch.cat([attn.q_proj.bias * s, attn.k_proj.bias, attn.v_proj.bias])  # (3D,)
         q, k, v = self.op("Split", [qkv, self.const([attn.q_proj.out_features] * 3)], n_out=3, axis=-1)
-        ins = [q, k, v, self.weight(f"{prefix}.qkv.bias", bias)] + extra
+        ins = [q, k, v, self.packed_bias(attn, prefix, head_dim)] + extra
         return self.op("MultiHeadAttention", ins, n_out=3 if outputs else 1, outputs=outputs, domain=MS,
                        num_heads=heads, scale=1.0)
 
@@ -140,10 +144,8 @@ class Builder:
         """Self-attention over a preallocated cache written in place: GroupQueryAttention with as
         many K/V heads as query heads (plain MHA) on the packed, biased Q/K/V; `cache` = past key,
         past value, seqlens_k, total_sequence_length. Per-row lengths, no mask, no concatenation."""
-        s = 1.0 / math.sqrt(head_dim)
-        bias = torch.cat([attn.q_proj.bias * s, attn.k_proj.bias, attn.v_proj.bias])  # (3D,)
-        qkv = self.packed_qkv(h, attn, prefix, head_dim)
-        qkv = self.one("Add", [qkv, self.weight(f"{prefix}.qkv.bias", bias.detach().float())])  # (R, 3D)
+        qkv = self.one("Add", [self.packed_qkv(h, attn, prefix, head_dim),
+                               self.packed_bias(attn, prefix, head_dim)])  # (R, 3D)
         qkv = self.one("Reshape", [qkv, self.const([-1, 1, 3 * heads * head_dim])])  # (R, 1, 3D)
         out = self.op("GroupQueryAttention", [qkv, "", "", *cache], outputs=outputs, domain=MS,
                       num_heads=heads, kv_num_heads=heads, scale=1.0)
