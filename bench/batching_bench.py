@@ -35,6 +35,7 @@ from serve.engine.translator import EngineConfig, Translator
 
 MODES = ("static", "continuous")
 CONCAT = "continuous-concat"  # the continuous loop on the concatenating decoder (--compare-concat)
+INLINE = "continuous-inline"  # the continuous loop encoding newcomers on its own thread (--compare-inline)
 
 
 def workload(translator: Translator, data_dir: Path, n: int, seed: int) -> list[tuple[str, bool]]:
@@ -58,7 +59,8 @@ def make(mode: str, translators: dict[str, Translator]) -> BatchScheduler | Cont
     """static, continuous, or `continuous:TOKENS` (the continuous loop with another token budget)."""
     if mode == "static":
         return BatchScheduler(translators[mode])
-    return ContinuousScheduler(translators[mode], max_batch_tokens=parse_mode(mode)[1])
+    return ContinuousScheduler(translators[mode], max_batch_tokens=parse_mode(mode)[1],
+                               encode_ahead=False if mode == INLINE else None)
 
 
 def run_load(mode: str, translators: dict[str, Translator], work: list[tuple[str, bool]],
@@ -159,12 +161,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="open loop also as continuous:TOKENS, the continuous loop with this token budget")
     p.add_argument("--compare-concat", action="store_true",
                    help=f"open loop also as {CONCAT}: the continuous loop without the slot decoder")
+    p.add_argument("--compare-inline", action="store_true",
+                   help=f"open loop also as {INLINE}: the continuous loop encoding newcomers between its "
+                        "steps, not on a second thread")
     args = p.parse_args(argv)
     config = EngineConfig(device="cpu", intra_op_threads=args.threads)
     translator = Translator.from_bundle(args.model_dir, config)
     translators = {m: translator for m in MODES}
     if args.compare_concat:
         translators[CONCAT] = Translator.from_bundle(args.model_dir, replace(config, slot_cache=False))
+    if args.compare_inline:
+        translators[INLINE] = translator
     for tokens in args.continuous_budget:
         translators[f"continuous:{tokens}"] = translator
     work = workload(translator, args.data_dir, args.requests, args.seed)

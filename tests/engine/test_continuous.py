@@ -9,6 +9,7 @@ the PyTorch reference in test_engine.py.
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
@@ -148,3 +149,102 @@ def test_the_loop_thread_serves_concurrent_requests_and_drains_on_close(translat
     loop.close(60)
     for i, f in fs:
         assert_same(f.result(0)[0], alone(translator, sources[i], MIXED[i % len(MIXED)]))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_texts_encoded_ahead_join_at_a_later_step_and_decode_as_alone(translator, sources, seed):
+    """Newcomers' sources are encoded on the encoder thread while the batch steps; each joins at the
+    first boundary after its encoding ends (here: waited for, or not, at seeded steps)."""
+    rng = random.Random(seed)
+    loop = ContinuousScheduler(translator, max_batch_tokens=100_000, thread=False, encode_ahead=True)
+    lane = loop.lanes[0]
+    futures = [(0, GREEDY, loop.submit([sources[0]], GREEDY, StopSignal()))]
+    loop.step_once()
+    assert loop.running == 1 and not lane.encoding  # nothing to overlap with: encoded inline
+    ahead = 0
+    for i in range(1, 16):
+        opts = MIXED[rng.randrange(len(MIXED))]
+        futures.append((i, opts, loop.submit([sources[i]], opts, StopSignal())))
+        loop.step_once()
+        if lane.encoding:  # taken off the queue, not in the batch yet: the batch stepped without it
+            ahead += 1
+            assert loop.queued == 0 and all(t.job.future is not futures[-1][2] for t in lane.texts)
+            if rng.random() < 0.5:
+                lane.encoding[-1][1].result()
+        for _ in range(rng.randrange(3)):
+            loop.step_once()
+    run_until_done(loop, [f for _, _, f in futures])
+    assert ahead >= 5
+    for i, opts, f in futures:
+        assert_same(f.result(0)[0], alone(translator, sources[i], opts))
+    loop.close()
+
+
+def test_a_failed_or_cancelled_encoding_fails_its_request_only(translator, sources, monkeypatch):
+    loop = ContinuousScheduler(translator, max_batch_tokens=100_000, thread=False, encode_ahead=True)
+    encode = translator.encode
+
+    def failing(batch, alignments=False):
+        if sources[1] in batch:
+            raise RuntimeError("encoder broke")
+        return encode(batch, alignments)
+
+    monkeypatch.setattr(translator, "encode", failing)
+    kept = loop.submit([sources[0]], GREEDY, StopSignal())
+    loop.step_once()
+    broken = loop.submit([sources[1]], GREEDY, StopSignal())
+    loop.step_once()
+    assert loop.lanes[0].encoding
+    loop.lanes[0].encoding[0][1].exception()
+    loop.step_once()
+    with pytest.raises(RuntimeError, match="encoder broke"):
+        broken.result(0)
+    cancel = StopSignal()
+    cancelled = loop.submit([sources[2]], DecodeOptions(beam_size=3), cancel)
+    loop.step_once()
+    assert loop.lanes[0].encoding and loop.running == 1
+    cancel.set()  # while its sources are being encoded
+    loop.lanes[0].encoding[0][1].result()
+    loop.step_once()
+    with pytest.raises(Cancelled):
+        cancelled.result(0)
+    assert loop.running == 1  # the cancelled text joined and left at the same boundary
+    run_until_done(loop, [kept])
+    assert_same(kept.result(0)[0], alone(translator, sources[0], GREEDY))
+    loop.close()
+
+
+class StepHook:
+    """Metrics that record which thread ran each step and call `on_step(n)` after the n-th."""
+
+    def __init__(self, on_step):
+        self.on_step, self.threads = on_step, []
+
+    def step_done(self, model, *, rows, seconds, generated):
+        self.threads.append(threading.current_thread().name)
+        self.on_step(len(self.threads))
+
+    def admitted(self, model, *, texts, tokens, queue_seconds): ...
+
+    def first_step(self, model, seconds): ...
+
+    def set_queue_depth(self, model, texts): ...
+
+    def batch_done(self, model, **kwargs): ...
+
+
+def test_a_lone_request_decodes_on_its_own_thread_and_hands_the_rest_to_the_loop(translator, sources):
+    """On an idle model the caller's thread runs the steps (no hand-off); a text that comes meanwhile
+    joins the batch, and when the caller's text is done the loop thread carries it on."""
+    short, long_ = min(sources, key=len), max(sources, key=len)
+    later: list = []
+    hook = StepHook(lambda n: later.append(loop.submit([long_], GREEDY, StopSignal())) if n == 2 else None)
+    loop = ContinuousScheduler(translator, max_batch_tokens=100_000, metrics=hook)
+    first = loop.submit([short], GREEDY, StopSignal())
+    assert first.done()  # decoded before submit returned
+    caller = threading.current_thread().name
+    assert hook.threads[0] == caller and len(later) == 1
+    assert_same(later[0].result(60)[0], alone(translator, long_, GREEDY))
+    assert hook.threads[-1] == f"decoder-{translator.name}"  # the loop thread finished the long text
+    assert_same(first.result(0)[0], alone(translator, short, GREEDY))
+    loop.close(60)
