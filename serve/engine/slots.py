@@ -53,14 +53,37 @@ def grown(buf: np.ndarray, rows: int, axis_len: int, keep_rows: int, keep_len: i
     return out
 
 
-def copy_rows(buffers: np.ndarray, to: np.ndarray, src: np.ndarray, filled: int,
-              pool: ThreadPoolExecutor | None, threads: int) -> None:
-    """buf[to, :, :filled] = buf[src, :, :filled] for every (R, H, L, Dh) buffer buffers[j], the
-    buffers split between this thread and the pool's (threads in all; pool None: all here)."""
+Moves = list[tuple[np.ndarray, np.ndarray, int]]  # (new rows, old rows, slots to copy) per group
+
+
+def length_groups(to: np.ndarray, src: np.ndarray, lengths: np.ndarray, most: int = 6) -> Moves:
+    """The moved rows (new `to`, old `src`, `lengths` slots held) in at most `most` groups of similar
+    length, each copied up to its own longest. A running batch holds rows of many ages: copying all
+    to the longest moved row's length copied 2.6 times the filled slots (beam 4, continuous loop)."""
+    distinct = np.unique(lengths)
+    if len(distinct) <= most:
+        parts = [np.flatnonzero(lengths == n) for n in distinct]
+    else:
+        parts = np.array_split(np.argsort(lengths, kind="stable"), most)
+    return [(to[p], src[p], int(lengths[p].max())) for p in parts if len(p) and lengths[p].max() > 0]
+
+
+def copy_groups(buf: np.ndarray, moves: Moves, row_axis: int = 0) -> None:
+    """buf[to, :, :n] = buf[src, :, :n] for every group of rows along `row_axis` (then heads, slots):
+    every group is read before any is written, as one gather would (a row may be a source and a
+    destination at once)."""
+    lead = (slice(None),) * row_axis
+    taken = [buf[lead + (src, slice(None), slice(0, n))] for _, src, n in moves]  # copies
+    for (to, _, n), part in zip(moves, taken):
+        buf[lead + (to, slice(None), slice(0, n))] = part
+
+
+def copy_rows(buffers: np.ndarray, moves: Moves, pool: ThreadPoolExecutor | None, threads: int) -> None:
+    """copy_groups on every (R, H, L, Dh) buffer buffers[j], the buffers split between this thread
+    and the pool's (threads in all; pool None: all here)."""
     def copy(part: list[int]) -> None:
         for j in part:
-            buf = buffers[j]  # a view
-            buf[to, :, :filled] = buf[src, :, :filled]  # (moved, H, filled, Dh), read before written
+            copy_groups(buffers[j], moves)  # buffers[j]: a view
 
     every = list(range(len(buffers)))
     shares = [every[i::threads] for i in range(threads)] if pool else [every]
@@ -150,7 +173,7 @@ class SlotCache:
 
     def keep(self, rows: np.ndarray, group: int = 1) -> None:
         """New row j = old row rows[j] (beam reorder, duplicates, finished rows dropped): only the rows
-        that move are copied, each up to the longest moved row's length."""
+        that move are copied, each up to about its own length (serve.engine.slots.length_groups)."""
         rows = rows.astype(np.int64)
         cross = rows // self.group  # (R',) the cross row every new row reads
         new_group = 1
@@ -162,15 +185,15 @@ class SlotCache:
         if n > self.kv.shape[1]:
             self._resize(n, 0)
         to = moved(rows)
-        filled = int(self.lengths[rows[to]].max(initial=0))  # the longest row that moves, not the batch's
-        if len(to) and filled:
-            # The right sides are copies, read before anything is written. A few rows (beam search
-            # of one text): one call for every layer, numpy's per-call cost dominates. Many rows:
-            # per (R, H, L, Dh) buffer, where numpy's row-first gather copies about 10% faster.
+        moves = length_groups(to, rows[to], self.lengths[rows[to]]) if len(to) else []
+        if moves:
+            # A few rows (beam search of one text): one call for every layer, numpy's per-call cost
+            # dominates. Many rows: per (R, H, L, Dh) buffer, where numpy's row-first gather copies
+            # about 10% faster.
             if len(to) <= 16:
-                self.kv[:, to, :, :filled] = self.kv[:, rows[to], :, :filled]  # (2L, moved, H, filled, Dh)
+                copy_groups(self.kv, moves, row_axis=1)  # (2L, R, H, L, Dh)
             else:
-                copy_rows(self.kv, to, rows[to], filled, self.runtime.copy_pool, self.runtime.copy_threads)
+                copy_rows(self.kv, moves, self.runtime.copy_pool, self.runtime.copy_threads)
         self._gather_cross(cross)
         self.rows, self.group = n, new_group
         self.lengths = self.lengths[rows]

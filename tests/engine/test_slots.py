@@ -18,7 +18,16 @@ from nmt.decoding import DecodeOptions, StopSignal
 from serve.engine.continuous import ContinuousScheduler
 from serve.engine.runtime import DecoderCache
 from serve.engine.search import place
-from serve.engine.slots import FIRST_LENGTH, HOST_ARGMAX_ROWS, SlotCache, best_of
+from serve.engine.slots import (
+    FIRST_LENGTH,
+    HOST_ARGMAX_ROWS,
+    SlotCache,
+    best_of,
+    copy_groups,
+    copy_rows,
+    length_groups,
+    moved,
+)
 from serve.engine.translator import EngineConfig, Translator
 
 
@@ -91,6 +100,31 @@ def test_keep_copies_only_rows_that_move(translator):
     for n, b in cache.past.items():
         assert np.array_equal(b[0, :, :2], before[n][0]) and np.array_equal(b[1, :, :2], before[n][2])
     assert np.array_equal(cache.mask[:2], [[True] * 4, [True, True, True, False]])
+
+
+@pytest.mark.parametrize("most", [2, 6, 50])
+def test_rows_of_many_lengths_move_as_one_gather_would(most):
+    """A running batch's reorder: rows of different lengths, duplicated, moved onto each other's
+    places. Each group is copied up to its own longest row; every filled slot ends as one gather."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(most)
+    kv = rng.standard_normal((4, 24, 2, 12, 3)).astype(np.float32)  # (2L, R, H, L, Dh)
+    lengths = rng.integers(0, 13, 24)
+    for _ in range(5):
+        index = rng.integers(0, 24, 20)  # (R',) duplicates, drops, rows that are source and destination
+        want = kv[:, index].copy()
+        to = moved(index)
+        moves = length_groups(to, index[to], lengths[index[to]], most)
+        assert len(moves) <= most
+        one, split = kv.copy(), kv.copy()
+        copy_groups(one, moves, row_axis=1)
+        with ThreadPoolExecutor(1) as pool:
+            copy_rows(split, moves, pool, 2)
+        for got in (one, split):
+            for j, n in enumerate(lengths[index]):
+                assert np.array_equal(got[:, j, :, :n], want[:, j, :, :n])
+        kv, lengths = one, np.concatenate([lengths[index], lengths[20:]])  # rows 20.. stay as they were
 
 
 def test_a_beam_reorder_copies_no_cross_rows(translator):
