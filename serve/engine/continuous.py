@@ -49,7 +49,7 @@ from serve.engine.lanes import Lane, Text
 from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS
 from serve.engine.runtime import DecoderCache
 from serve.engine.scheduler import BatchMetrics, Job, StepListener, wait_for_room
-from serve.engine.search import Beam, advance, finish_live, force, greedy_pick, place
+from serve.engine.search import Beam, advance, candidates, finish_live, force, greedy_pick, place
 from serve.engine.slots import SlotCache
 
 if TYPE_CHECKING:
@@ -346,8 +346,11 @@ class ContinuousScheduler:
                       int(aligns[0]) if aligns is not None and text.options.return_alignments else None)
                 text.done = text.beam.done
             else:
-                advance(text.beam, values[start:start + count, :k], ids[start:start + count, :k], start,
-                        text.steps, text.options, eos, aligns if text.options.return_alignments else None)
+                opts, banned = text.options, text.steps < text.options.min_length
+                found = candidates(values[start:start + count, :k], ids[start:start + count, :k],
+                                   text.beam.live_lp, count, opts.beam_size, eos, banned)
+                advance(text.beam, found[0], start, text.steps, opts, eos,
+                        aligns if opts.return_alignments else None)
                 text.done = text.beam.done
             text.steps += 1
             if text.job.listener is not None and not text.done:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from nmt.decoding import DecodeOptions, normalised_score
-from serve.engine.search import beam_search, fill_gaps, greedy_search, place
+from serve.engine.search import beam_search, candidates, fill_gaps, greedy_search, place
 
 BOS, EOS, V = 2, 3, 12
 
@@ -126,6 +126,32 @@ def test_beam_of_one_source_is_batch_invariant_and_ranked(compaction):
         assert [h.tokens for h in a] == [h.tokens for h in t]
         assert len(t) == 3 and [h.score for h in t] == sorted((h.score for h in t), reverse=True)
         assert all(len(h.tokens) >= 1 and EOS not in h.tokens for h in t)
+
+
+@pytest.mark.parametrize("banned", [False, True])
+def test_candidates_of_many_sources_rank_as_one_sort_each(banned):
+    """Rows' top-k with tied values (ids ascending among ties, as ONNX TopK gives them) and EOS in some
+    rows: every source's 2k best are those of sorting its (-sum, row, token) tuples."""
+    rng = np.random.default_rng(int(banned))
+    S, n, k = 5, 3, 3
+    K = 2 * k + banned
+    rows = []
+    for _ in range(S * n):
+        vals = np.round(rng.normal(size=V) * 2) / 2  # half steps: many ties
+        order = sorted(range(V), key=lambda t: (-vals[t], t))[:K]
+        rows.append((vals[order], order))
+    values = np.array([v for v, _ in rows], dtype=np.float32)  # (S*n, K)
+    ids = np.array([t for _, t in rows], dtype=np.int64)
+    live_lp = (np.round(rng.normal(size=S * n) * 2) / 2).astype(np.float32)
+    for s, (sums, parents, tokens) in enumerate(candidates(values, ids, live_lp, n, k, EOS, banned)):
+        entries = []
+        for row in range(n):
+            r = s * n + row
+            pairs = [(np.float32(live_lp[r] + v), int(t)) for v, t in zip(values[r], ids[r])
+                     if not (banned and t == EOS)][:2 * k]
+            entries += [(-float(c), row, t) for c, t in pairs]
+        want = sorted(entries)[:2 * k]
+        assert list(zip([-c for c in sums], parents, tokens)) == want
 
 
 def test_beam_finds_at_least_the_greedy_score():
