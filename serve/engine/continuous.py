@@ -12,7 +12,8 @@ A text never waits for a running batch to end: it joins at the next step boundar
 batch is a large DecoderCache (whose join copies the whole cache), within ADMIT_AFTER boundaries
 together with others. While rows are decoding, newcomers are encoded on an encoder thread (when a
 core is free: `encode_ahead`) and join at the first boundary after: the running rows do not wait
-for an encoder run (test2016 mix at 60% load, 1 thread: short p99 0.58x -> 0.37x static).
+for an encoder run (bench/results/batching-encode-ahead.md: at 60% load short p99 1.18x
+static's encoding between steps, 0.33x ahead).
 
 The loop is a role, not only a thread: a lone request on an idle model runs the step boundaries on
 its caller's thread (admitting whoever comes meanwhile) and leaves the rest to the loop thread.
@@ -131,8 +132,8 @@ class ContinuousScheduler:
                 beam = None if options.beam_size == 1 else Beam(budget=budget)
                 self._queue.append(Text(job, i, src, budget, now, beam, prefix=job.prefix(i)))
             # A lone request on an idle model decodes on this thread: no hand-off to the loop thread
-            # and back (through gRPC, about a tenth of a sentence). A streamed one does not: its
-            # caller reads the steps as they come.
+            # and back (in one process 4% of a lone sentence; through gRPC within the noise). A
+            # streamed one does not: its caller reads the steps as they come.
             lone = (idle and not block and listener is None and self._thread.is_alive()
                     and self._drive.acquire(blocking=False))
             if not lone:
