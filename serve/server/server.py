@@ -71,8 +71,10 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
 
 
 class InFlightInterceptor(grpc.ServerInterceptor):
-    """Counts Translator RPCs from arrival (before they wait for a worker thread) to completion, so a
-    drain knows when accepted work is done without waiting on health Watch streams, which never end."""
+    """Counts Translator RPCs from arrival (before they wait for a worker thread) to termination, so a
+    drain knows when accepted work is done without waiting on health Watch streams, which never end.
+    An RPC counts until gRPC has sent its answer (a termination callback), not only until its handler
+    returned: a drain that stopped the server in between cancelled an answer on its way out."""
 
     def __init__(self) -> None:
         self._count = 0
@@ -87,6 +89,10 @@ class InFlightInterceptor(grpc.ServerInterceptor):
         with self._lock:
             self._count += n
 
+    def _until_terminated(self, context: grpc.ServicerContext) -> None:
+        if not context.add_callback(lambda: self._add(-1)):  # already terminated: no callback comes
+            self._add(-1)
+
     def intercept_service(self, continuation, details):
         handler = continuation(details)
         if handler is None or not details.method.startswith(f"/{SERVICE}/"):
@@ -95,17 +101,13 @@ class InFlightInterceptor(grpc.ServerInterceptor):
         inner = behaviour(handler)
         if handler.response_streaming:
             def counted_stream(request, context):
-                try:
-                    yield from inner(request, context)
-                finally:
-                    self._add(-1)
+                self._until_terminated(context)
+                yield from inner(request, context)
             return rewrap(handler, counted_stream)
 
         def counted(request, context):
-            try:
-                return inner(request, context)
-            finally:
-                self._add(-1)
+            self._until_terminated(context)
+            return inner(request, context)
         return rewrap(handler, counted)
 
 
