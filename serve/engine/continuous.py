@@ -80,8 +80,6 @@ class ContinuousScheduler:
         self._drive = threading.Lock()
         # thread=False: no loop thread; the caller runs `step_once` (deterministic interleavings in tests).
         self._thread = threading.Thread(target=self._run, name=f"decoder-{self.name}", daemon=True)
-        if thread:
-            self._thread.start()
         # Newcomers' sources are encoded on a second thread while the running batch keeps stepping, so
         # its rows wait for the join only, not for an encoder run. None: so when the loop has its thread,
         # runs on CPU and the sessions' threads leave a core free (on a GPU it was not measured).
@@ -91,6 +89,8 @@ class ContinuousScheduler:
             encode_ahead = thread and runtime.device.type == "cpu" and spare
         self._encoder = (ThreadPoolExecutor(1, thread_name_prefix=f"encoder-{self.name}")
                          if encode_ahead else None)
+        if thread:
+            self._thread.start()
 
     @property
     def stopped(self) -> bool:
