@@ -281,8 +281,9 @@ def alignment_of(beam: Beam, i: int, opts: DecodeOptions) -> list[int] | None:
     return list(beam.live_align[i]) if opts.return_alignments else None
 
 
-def rank_sources(beams: list[Beam], spans: dict[int, tuple[int, int]], items: list[int], values: np.ndarray,
-           ids: np.ndarray, k: int, eos: int, banned: bool) -> dict[int, Candidates]:
+def rank_sources(beams: list[Beam], spans: dict[int, tuple[int, int]], items: list[int],
+                 values: np.ndarray, ids: np.ndarray, k: int, eos: int, banned: bool
+                 ) -> dict[int, Candidates]:
     """`candidates` of the given sources (beams[i], rows spans[i] = (first, count)), in one call per
     row count: every source of a batch has k rows but at the first step and inside forced prefixes."""
     out: dict[int, Candidates] = {}
