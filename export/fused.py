@@ -372,12 +372,13 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
         return names - {""}
 
     ready = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    pending, ordered = list(graph.node), []
+    pending = [(node, reads(node)) for node in graph.node]  # each node's reads, computed once
+    ordered = []
     while pending:
-        node = next((n for n in pending if reads(n) <= ready), None)
-        if node is None:
+        i = next((i for i, (_, needs) in enumerate(pending) if needs <= ready), None)
+        if i is None:
             raise ValueError(f"graph {graph.name!r} has a cycle or reads a value nothing produces")
-        pending.remove(node)
+        node, _ = pending.pop(i)
         ordered.append(node)
         ready |= set(node.output)
     del graph.node[:]
