@@ -185,7 +185,8 @@ class SlotCache:
         if n > self.kv.shape[1]:
             self._resize(n, 0)
         to = moved(rows)
-        moves = length_groups(to, rows[to], self.lengths[rows[to]]) if len(to) else []
+        src = rows[to]
+        moves = length_groups(to, src, self.lengths[src]) if len(to) else []
         if moves:
             # A few rows (beam search of one text): one call for every layer, numpy's per-call cost
             # dominates. Many rows: per (R, H, L, Dh) buffer, where numpy's row-first gather copies
