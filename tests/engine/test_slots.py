@@ -129,22 +129,50 @@ def test_rows_of_many_lengths_move_as_one_gather_would(most):
 
 def test_a_beam_reorder_copies_no_cross_rows(translator):
     """Rows that stay with their source keep their cross K/V where they are; a row taking another
-    source's place gets that source's."""
+    source's place gets that source's. The search's row j lives in buffer row perm[j]."""
     cache = translator.encode([[5, 6, 7, 2], [9, 10, 2]])
     assert isinstance(cache, SlotCache)
     cache.step(np.array([1, 1]), 1)
     first = {n: b[0].copy() for n, b in cache.cross.items()}
-    cache.keep(np.array([0, 0, 1]))  # source 0 now has two beams: row 1 gets source 0's cross K/V
+    cache.keep(np.array([0, 0, 1]))  # source 0 now has two beams: the second gets source 0's cross K/V
+    assert sorted(cache.perm.tolist()) == [0, 1, 2] and cache.perm[[0, 2]].tolist() == [0, 1]  # stayed
     for n, b in cache.cross.items():
-        assert np.array_equal(b[1], first[n])
-    assert np.array_equal(cache.mask[1], cache.mask[0])
+        assert np.array_equal(b[cache.perm[1]], first[n])
+    assert np.array_equal(cache.mask[cache.perm[1]], cache.mask[0])
     for b in cache.cross.values():
-        b[0, 0, 0, 0] = 123.0  # a mark: row 0 is rewritten only if a copy lands there
-    cache.keep(np.array([1, 0, 2]))  # the two beams of source 0 swap rows: no cross copy at all
-    assert all(b[0, 0, 0, 0] == 123.0 for b in cache.cross.values())
-    cache.keep(np.array([2, 1]))  # source 1 moves to row 0: copied
-    assert all(b[0, 0, 0, 0] != 123.0 for b in cache.cross.values())
-    assert cache.mask[0].tolist() == [True, True, True, False]
+        b[:3, 0, 0, 0] = [100.0, 101.0, 102.0]  # marks: a row is rewritten only if a copy lands there
+    kv = cache.kv.copy()
+    cache.keep(np.array([1, 0, 2]))  # the two beams of source 0 swap: no copy at all
+    cache.keep(np.array([2, 1]))  # source 1 first, source 0's second beam after it: still none
+    assert all(b[:3, 0, 0, 0].tolist() == [100, 101, 102] for b in cache.cross.values())
+    assert np.array_equal(cache.kv, kv)
+    assert cache.mask[cache.perm[0]].tolist() == [True, True, True, False]  # source 1's
+    assert cache.mask[cache.perm[1]].tolist() == [True] * 4
+    cache.keep(np.array([0]))  # source 1 alone: it must be in buffer row 0, so it is copied there
+    assert cache.perm.tolist() == [0] and cache.mask[0].tolist() == [True, True, True, False]
+    assert all(b[0, 0, 0, 0] == 101.0 for b in cache.cross.values())  # buffer row 1's
+
+
+def test_a_beam_reorder_keeps_each_parents_first_child_in_place(translator, sources):
+    """Beam 4 of two sources (one cross row per source): a parent with several children keeps one in
+    its buffer row, the others take the rows of parents without children, inside the same block.
+    Every row then decodes as one gather of the old rows would (placement is invisible)."""
+    cache = translator.encode(sources[:2])
+    assert isinstance(cache, SlotCache)
+    cache.step(np.array([1, 1]), 1)
+    cache.keep(np.array([0, 0, 0, 0, 1, 1, 1, 1]), group=4)
+    reorders = ([0, 0, 1, 2, 4, 5, 6, 7], [1, 1, 3, 0, 7, 7, 7, 7], [2, 2, 2, 2, 4, 5, 6, 7])
+    for step, index in enumerate(reorders):
+        cache.step(np.arange(8) + 5 + step, 1)
+        logical = cache.kv[:, cache.perm].copy()  # (2L, R, H, L, Dh) in the search's order
+        src = cache.perm[index]
+        cache.keep(np.array(index), group=4)
+        assert cache.group == 4 and (cache.perm // 4 == np.arange(8) // 4).all()  # blocks stay blocks
+        assert (cache.perm != src).sum() == len(index) - len(set(index))  # one copy per extra child
+        n = int(cache.lengths.max())
+        assert np.array_equal(cache.kv[:, cache.perm, :, :n], logical[:, index, :, :n])
+    concat = cache.step(np.arange(8) + 9, 4)
+    assert concat[0].shape == (8, 4)
 
 
 def test_steps_reuse_one_io_binding_until_the_rows_change(translator, sources):
