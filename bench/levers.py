@@ -14,6 +14,7 @@ A variant is NAME=BUNDLE[:flag,...]; flags switch one engine lever off or on for
   spin      ORT worker threads spin waiting for work between runs (ORT's default; the engine's is off)
   expand    beam search copies the cross-attention K/V per beam (as before grouped_cross_kv was used)
   concat    the concatenating decoder instead of the bundle's slot decoder (as before slot_cache)
+  whole     every slot decoder step runs whole on the session's threads (as before row parts)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from nmt.pair_tokenizer import load_bundle_tokenizer
 from serve.engine.runtime import Runtime
 from serve.engine.translator import EngineConfig, Translator
 
-FLAGS = ("spin", "expand", "concat")
+FLAGS = ("spin", "expand", "concat", "whole")
 MODES = [("greedy", 1), ("beam 4", 4)]
 
 
@@ -57,6 +58,8 @@ def load_variant(spec: str, threads: int) -> Variant:
     runtime = Runtime(Path(path), manifest, "cpu", threads, None, "all", allow_spinning=spinning,
                       slot_cache="concat" not in flags)
     runtime.grouped_cross = runtime.grouped_cross and "expand" not in flags
+    if "whole" in flags:
+        runtime.slot_parts = None
     tokenizer = load_bundle_tokenizer(path, manifest.raw)
     translator = Translator(runtime, manifest, tokenizer, EngineConfig(device="cpu"))
     translator.warmup()

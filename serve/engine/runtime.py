@@ -181,9 +181,13 @@ class Runtime:
         self.reorder = Graph(bundle_dir / fmt.REORDER_FILE, options, self.device, fmt.reorder_input_names(n))
         # The slot decoder (serve.engine.slots) on CPU, when the bundle has it and it is not turned off.
         self.slot_decoder: Graph | None = None
+        self.slot_parts: Graph | None = None  # the same graph on one thread, for steps split by rows
         if slot_cache and self.device.type == "cpu" and fmt.SLOT_CACHE in manifest.optimizations:
-            self.slot_decoder = Graph(bundle_dir / fmt.DECODER_SLOTS_FILE, options, self.device,
-                                      fmt.slot_decoder_input_names(n))
+            path, names = bundle_dir / fmt.DECODER_SLOTS_FILE, fmt.slot_decoder_input_names(n)
+            self.slot_decoder = Graph(path, options, self.device, names)
+            if (intra_op_threads or os.cpu_count() or 1) > 1:
+                single = session_options(1, inter_op_threads, graph_optimization, allow_spinning)
+                self.slot_parts = Graph(path, single, self.device, names)
         # Its greedy steps read log_probs and take the argmax on the host (serve.engine.slots.best_of).
         self.slot_host_argmax = fmt.SLOT_HOST_ARGMAX in manifest.optimizations
         self.vocab_size = manifest.vocab_size  # the log_probs width: the slot decoder's, when it has one
@@ -208,7 +212,8 @@ class Runtime:
         # Beam reorders copy self-attention rows on the host (serve.engine.slots); with more than one
         # intra-op thread the copies are split over that many threads (numpy releases the GIL while
         # copying), as the session's own pool idles between runs. Batch-64 beam 4, 2 threads: the
-        # copies were 12% of the time and run 1.7x faster split in two.
+        # copies were 12% of the time and run 1.7x faster split in two. Steps of many rows run as
+        # row parts on these threads too (serve.engine.slots.row_parts).
         self.copy_threads = intra_op_threads or os.cpu_count() or 1
         self.copy_pool = (ThreadPoolExecutor(self.copy_threads - 1, thread_name_prefix="nmt-copy")
                           if self.slot_decoder is not None and self.copy_threads > 1 else None)
@@ -220,7 +225,8 @@ class Runtime:
     def release(self) -> None:
         """Free every session: a version replaced by a reload, once its last request finished."""
         with self._load_lock:
-            graphs = (self.encoder, self.decoder, self.reorder, self._decoder_alignments, self.slot_decoder)
+            graphs = (self.encoder, self.decoder, self.reorder, self._decoder_alignments, self.slot_decoder,
+                      self.slot_parts)
             for graph in graphs:
                 if graph is not None:
                     graph.release()

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from serve.engine.runtime import Runtime
 
 HOST_ARGMAX_ROWS = 4  # from this many rows greedy steps take their argmax on the host (see step)
+PART_ROWS = 8  # the fewest rows a step is split into parts for (see row_parts)
+SHARED = (fmt.TOTAL_SEQUENCE_LENGTH, fmt.TOP_K)  # step inputs every row part binds whole
 FIRST_LENGTH = 32  # slots per row at first; doubled when a row needs more (a copy of the filled part)
 _sources = itertools.count()  # ids of encoded sources, unique in the process (SlotCache.owner)
 
@@ -118,6 +120,25 @@ def copy_rows(buffers: np.ndarray, moves: Moves, pool: ThreadPoolExecutor | None
         future.result()
 
 
+def row_parts(rows: int, group: int, threads: int) -> list[tuple[int, int]]:
+    """The row ranges [lo, hi) a step runs as, one per thread, each a whole number of `group`-row
+    blocks (a block shares one cross-attention row) and at least PART_ROWS rows; one range when
+    that leaves a single part.
+
+    Why: ONNX Runtime splits each op of a step over its threads, and most ops of a decoder step are
+    small (GEMMs of a few hundred rows, attention per row and head, layer norms): at 2 threads a
+    batch-64 beam-4 step ran 1.7x faster than at 1, with LayerNormalization and Add slower than at
+    1. The same step as two half-batch runs, each on one thread of a one-thread session, ran 12-20%
+    faster than one run on two threads (bench/results/row-parts.md): each op then runs whole on its
+    core, and the threads meet once per step instead of once per op."""
+    blocks = rows // group
+    parts = min(threads, rows // PART_ROWS, blocks)
+    if parts <= 1:
+        return [(0, rows)]
+    edges = [group * (blocks * i // parts) for i in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 def best_of(log_probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k <= 2 best tokens of each row of log_probs (R, V): values, ids (R, k), best first and the
     lowest id first among equal values, as ONNX TopK orders them (argmax returns the first maximum)."""
@@ -182,9 +203,11 @@ class SlotCache:
         # graph's TopK (asked for 3) costs less than numpy's calls between two runs.
         host = self.runtime.slot_host_argmax and k <= 2
         graph_k = 3 if host and R < HOST_ARGMAX_ROWS else k
+        rt = self.runtime
+        parts = row_parts(R, self.group, rt.copy_threads) if rt.slot_parts is not None else [(0, R)]
         io = self._io
-        if io is None or (io.k, io.rows, io.cross_rows) != (graph_k, R, self.cross_rows):
-            io = self._io = StepBinding(self, graph_k)
+        if io is None or (io.k, io.rows, io.cross_rows, io.parts) != (graph_k, R, self.cross_rows, parts):
+            io = self._io = StepBinding(self, graph_k, parts)
         if self.in_order:
             io.small[fmt.INPUT_IDS][:, 0] = tokens  # (R, 1)
         else:
@@ -192,10 +215,8 @@ class SlotCache:
         io.small[fmt.POSITION_IDS][:, 0] = self.lengths  # (R, 1) each row's own position
         io.small[fmt.SEQLENS_K][:] = self.lengths  # (R,) the new token's slot per row
         io.small[fmt.TOTAL_SEQUENCE_LENGTH][0] = total
-        graph = self.runtime.slot_decoder
-        assert graph is not None
-        graph.session.run_with_iobinding(io.binding)
-        self.runtime.count_step()
+        io.run(rt.copy_pool)
+        rt.count_step()
         self.lengths = self.lengths + 1
         if io.log_probs is not None:  # greedy on SLOT_HOST_ARGMAX graphs: the best k <= 2 here
             values, ids = best_of(io.log_probs, k)
@@ -318,42 +339,68 @@ class SlotCache:
 
 
 class StepBinding:
-    """One IO binding of the slot decoder over a SlotCache's buffers, reused step after step.
+    """The IO bindings of the slot decoder over a SlotCache's buffers, reused step after step.
 
     Everything a step reads or writes is bound once: the self-attention buffers (past and present
     are one OrtValue: GroupQueryAttention writes in place), the cross K/V and mask, small input arrays
     a step overwrites in place (OrtValues made from host arrays share their memory on CPU) and the
     top-k outputs. A step then costs one run: building the feeds and binding every input and output
-    anew took about a tenth of a batch-1 step. Made again when the rows, buffers or k change."""
+    anew took about a tenth of a batch-1 step. Made again when the rows, buffers, k or parts change.
 
-    def __init__(self, cache: SlotCache, k: int):
-        graph = cache.runtime.slot_decoder
+    parts: row ranges (row_parts); with more than one, part j binds rows lo:hi of every array (all
+    are row-major, so each is a view) to the one-thread session and the parts run side by side."""
+
+    def __init__(self, cache: SlotCache, k: int, parts: list[tuple[int, int]]):
+        rt = cache.runtime
+        graph = rt.slot_decoder if len(parts) == 1 else rt.slot_parts
         assert graph is not None
-        R, rc = cache.rows, cache.cross_rows
-        self.rows, self.cross_rows, self.k = R, rc, k
-        self.binding = b = graph.session.io_binding()
-        for present, past in cache.self_pairs:
-            value = ort.OrtValue.ortvalue_from_numpy(cache.past[past][:R])  # (R, H, L, Dh)
-            b.bind_ortvalue_input(past, value)
-            b.bind_ortvalue_output(present, value)
-        host = {name: buf[:rc] for name, buf in cache.cross.items()}  # (Rc, H, S, Dh)
-        host[fmt.ENCODER_ATTENTION_MASK] = cache.mask[:rc]  # (Rc, S)
-        self.small: dict[str, np.ndarray] = {
+        R, rc, g = cache.rows, cache.cross_rows, cache.group
+        self.rows, self.cross_rows, self.k, self.parts = R, rc, k, parts
+        self.session = graph.session
+        self.small: dict[str, np.ndarray] = {  # (R, ...) filled by SlotCache.step; shared by the parts
             fmt.INPUT_IDS: np.zeros((R, 1), np.int64), fmt.POSITION_IDS: np.zeros((R, 1), np.int64),
             fmt.SEQLENS_K: np.zeros(R, np.int32), fmt.TOTAL_SEQUENCE_LENGTH: np.zeros(1, np.int32),
             fmt.TOP_K: np.array([k], np.int64)}
-        for name, array in {**host, **self.small}.items():
-            b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        by_row = {name: buf[:rc] for name, buf in cache.cross.items()}  # (Rc, H, S, Dh)
+        by_row[fmt.ENCODER_ATTENTION_MASK] = cache.mask[:rc]  # (Rc, S)
         # Graphs with SLOT_HOST_ARGMAX compute top-k for k > 2 only: greedy steps bind log_probs
         # (R, V) to the cache's buffer and take their best tokens on the host (best_of).
         # (Bound for every k: ONNX Runtime writes log_probs anyway, into a fresh buffer if unbound.)
         self.log_probs: np.ndarray | None = None
-        if cache.runtime.slot_host_argmax:
-            log_probs = cache.log_probs_buffer(R)  # (R, V)
-            b.bind_ortvalue_output(fmt.LOG_PROBS, ort.OrtValue.ortvalue_from_numpy(log_probs))
-            self.log_probs = log_probs if k <= 2 else None
+        log_probs = cache.log_probs_buffer(R) if rt.slot_host_argmax else None  # (R, V)
+        if log_probs is not None and k <= 2:
+            self.log_probs = log_probs
         shape = (1, 1) if self.log_probs is not None else (R, k)  # (1, 1): the graph's placeholder
         self.values = np.zeros(shape, np.float32)  # (R, k) top-k log-probs, written by every run
         self.ids = np.zeros(shape, np.int64)  # (R, k)
-        b.bind_ortvalue_output(fmt.TOPK_VALUES, ort.OrtValue.ortvalue_from_numpy(self.values))
-        b.bind_ortvalue_output(fmt.TOPK_INDICES, ort.OrtValue.ortvalue_from_numpy(self.ids))
+        self.bindings: list[ort.IOBinding] = []
+        for lo, hi in parts:
+            b = self.session.io_binding()
+            for present, past in cache.self_pairs:
+                value = ort.OrtValue.ortvalue_from_numpy(cache.past[past][lo:hi])  # (hi-lo, H, L, Dh)
+                b.bind_ortvalue_input(past, value)
+                b.bind_ortvalue_output(present, value)
+            inputs = {name: buf[lo // g:hi // g] for name, buf in by_row.items()}  # the parts' cross rows
+            inputs.update({name: buf if name in SHARED else buf[lo:hi] for name, buf in self.small.items()})
+            for name, array in inputs.items():
+                b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+            outputs: dict[str, np.ndarray] = {fmt.TOPK_VALUES: self.values, fmt.TOPK_INDICES: self.ids}
+            if self.log_probs is not None:  # each part its own placeholder: the parts run at once
+                outputs = {name: np.zeros((1, 1), buf.dtype) for name, buf in outputs.items()}
+            else:
+                outputs = {name: buf[lo:hi] for name, buf in outputs.items()}
+            if log_probs is not None:
+                outputs[fmt.LOG_PROBS] = log_probs[lo:hi]
+            for name, array in outputs.items():
+                b.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
+            self.bindings.append(b)
+
+    def run(self, pool: ThreadPoolExecutor | None) -> None:
+        """One step: the parts side by side, the first on this thread (ONNX Runtime releases the GIL)."""
+        first, *rest = self.bindings
+        futures = [pool.submit(self.session.run_with_iobinding, b) for b in rest] if pool else []
+        if rest and pool is None:
+            raise RuntimeError("a step split into parts needs the runtime's thread pool")
+        self.session.run_with_iobinding(first)
+        for future in futures:
+            future.result()

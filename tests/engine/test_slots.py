@@ -27,6 +27,7 @@ from serve.engine.slots import (
     copy_rows,
     length_groups,
     moved,
+    row_parts,
 )
 from serve.engine.translator import EngineConfig, Translator
 
@@ -245,3 +246,39 @@ def test_a_bundle_without_the_slot_decoder_still_serves(tiny_bundle, tmp_path, c
     assert plain.runtime.slot_decoder is None
     assert [h[0].tokens for h in plain.translate_ids(sources[:5])] == [
         h[0].tokens for h in concat.translate_ids(sources[:5])]
+
+
+def test_row_parts_split_whole_blocks_of_enough_rows():
+    assert row_parts(256, 4, 2) == [(0, 128), (128, 256)]
+    assert row_parts(12, 4, 2) == [(0, 12)]  # parts of fewer than PART_ROWS rows: one run
+    assert row_parts(20, 4, 2) == [(0, 8), (8, 20)]  # five blocks of 4: never a block cut in two
+    assert row_parts(30, 1, 3) == [(0, 10), (10, 20), (20, 30)]
+    assert row_parts(300, 1, 1) == [(0, 300)]
+    assert row_parts(4, 4, 8) == [(0, 4)]
+
+
+@pytest.mark.parametrize("opts", [DecodeOptions(), DecodeOptions(beam_size=4, n_best=2, min_length=2)],
+                         ids=["greedy", "beam4"])
+def test_steps_split_into_row_parts_decide_as_one_run(tiny_bundle, translator, sources, opts):
+    """Two threads: steps of many rows run as two one-thread parts side by side. Every token and
+    score is the one-thread engine's (each row is computed by the same kernels either way)."""
+    two = Translator.from_bundle(tiny_bundle, EngineConfig(device="cpu", intra_op_threads=2))
+    assert two.runtime.slot_parts is not None
+    parts_seen = []
+    step = SlotCache.step
+
+    def spying(self, tokens, k):
+        out = step(self, tokens, k)
+        parts_seen.append(len(self._io.parts))
+        return out
+
+    SlotCache.step = spying
+    try:
+        got = two.translate_ids(sources, opts, max_batch_tokens=100_000)
+    finally:
+        SlotCache.step = step
+    assert max(parts_seen) == 2 and min(parts_seen) == 1  # split while many rows ran, whole at the end
+    want = translator.translate_ids(sources, opts, max_batch_tokens=100_000)
+    for g, w in zip(got, want):
+        assert [h.tokens for h in g] == [h.tokens for h in w]
+        assert [h.score for h in g] == [h.score for h in w]
