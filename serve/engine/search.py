@@ -10,6 +10,7 @@ walk over the 2k best candidates.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -62,6 +63,9 @@ def place(current: list[int | None], sizes: list[int]) -> list[int]:
     that change, so compaction then costs the rows moved into gaps, not every row after the first."""
     if len(sizes) == 1:  # one source (batch-1 beam search): nothing to place around
         return [0]
+    packed = list(itertools.accumulate(sizes, initial=0))[:-1]
+    if current == packed:  # every group where it is (most beam steps): nothing to search
+        return packed
     total = sum(sizes)
     free = np.ones(total, dtype=bool)
     start: list[int | None] = [None] * len(sizes)
@@ -79,7 +83,7 @@ def place(current: list[int | None], sizes: list[int]) -> list[int]:
                 start[i] = int(g)
                 break
         else:  # the gaps are fragmented for this group: plain packing in the given order
-            return [int(x) for x in np.cumsum([0, *sizes[:-1]])]
+            return packed
     return [int(s) for s in start if s is not None]
 
 

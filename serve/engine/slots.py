@@ -156,7 +156,7 @@ class SlotCache:
     """The running batch's decoder state on the slot decoder; the same interface as DecoderCache."""
 
     def __init__(self, runtime: Runtime, cross: dict[str, np.ndarray], mask: np.ndarray,
-                 keepalive: list[ort.OrtValue]):
+                 keepalive: list[ort.OrtValue], capacity: tuple[int, int] | None = None):
         rt = self.runtime = runtime
         self.rows = rows = mask.shape[0]
         self.group = 1  # rows per cross-attention row (a source's beams share one), as DecoderCache
@@ -174,7 +174,10 @@ class SlotCache:
         self.self_pairs = [(fmt.present_name(i, "decoder", w), fmt.past_name(i, "decoder", w))
                            for i in range(n) for w in ("key", "value")]
         # Every layer's self-attention K and V in one array, so a reorder is one copy, not 2L.
-        shape = (2 * n, rows, rt.n_heads, FIRST_LENGTH, rt.head_dim)  # (2L, R, H, L, Dh)
+        # capacity (rows, slots) when known (a static batch: sources x beam, the longest budget):
+        # growing copies every row, and a batch-64 beam-4 cache grew twice (64 to 256 rows, 32 to 64).
+        cap_rows, cap_len = capacity or (rows, FIRST_LENGTH)
+        shape = (2 * n, max(rows, cap_rows), rt.n_heads, max(cap_len, 1), rt.head_dim)  # (2L, R, H, L, Dh)
         self.kv = np.zeros(shape, rt.cache_dtype)
         self.past = self._views()
         # The step's IO binding: kept while the buffers stay (a resize drops it) and the rows and k

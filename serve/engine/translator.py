@@ -190,16 +190,17 @@ class Translator:
                 results[i] = hyps
         return results
 
-    def encode(self, sources: list[list[int]], alignments: bool = False) -> DecoderCache | SlotCache:
+    def encode(self, sources: list[list[int]], alignments: bool = False,
+               capacity: tuple[int, int] | None = None) -> DecoderCache | SlotCache:
         """Encode sources as one padded batch: the decoder state of their rows, nothing fed yet
-        (alignments: a state that can step with the alignment graph)."""
+        (alignments: a state that can step with the alignment graph; capacity: Runtime.start)."""
         lengths = np.array([len(s) for s in sources])  # (B,)
         S = int(lengths.max())
         src = np.full((len(sources), S), self.manifest.pad_id, dtype=np.int64)  # (B, S)
         for r, ids in enumerate(sources):
             src[r, :len(ids)] = ids
         src_mask = np.arange(S)[None, :] < lengths[:, None]  # (B, S)
-        return self.runtime.start(src, src_mask, alignments)
+        return self.runtime.start(src, src_mask, alignments, capacity)
 
     def budget(self, source_tokens: int, options: DecodeOptions) -> int:
         """Tokens a source of this length may generate (EOS included)."""
@@ -218,10 +219,11 @@ class Translator:
         if not live:
             return out
         m = self.manifest
-        cache = self.encode([sources[i] for i in live], options.return_alignments)
+        budgets = [self.budget(len(sources[i]), options) for i in live]
+        capacity = (len(live) * options.beam_size, max(budgets) + 1)  # rows, tokens fed at most
+        cache = self.encode([sources[i] for i in live], options.return_alignments, capacity)
         if options.return_alignments:
             cache.alignment_layer = self.alignment_layer
-        budgets = [self.budget(len(sources[i]), options) for i in live]
         row_stopped = lambda r: stopped(live[r])  # noqa: E731 - search rows -> batch indices
         forced = None if prefixes is None else [prefixes[i] for i in live]
         if options.beam_size == 1:

@@ -65,11 +65,21 @@ def test_slot_decoder_decides_as_the_concatenating_one(translator, concat, sourc
 
 
 def test_rows_longer_than_the_first_capacity_grow_the_buffers(translator, concat, sources):
+    """A running batch (no capacity known) starts at FIRST_LENGTH slots and grows; a static batch is
+    sized for its longest budget at once. Both decode as the concatenating engine."""
     opts = DecodeOptions(min_length=3 * FIRST_LENGTH, max_length_a=0, max_length_b=3 * FIRST_LENGTH + 5)
-    got = translator.translate_ids(sources[:3], opts)
     want = concat.translate_ids(sources[:3], opts)
+    assert all(len(h[0].tokens) >= 3 * FIRST_LENGTH for h in want)
+    loop = ContinuousScheduler(translator, thread=False)
+    future = loop.submit(sources[:3], opts, StopSignal())
+    while not future.done():
+        loop.step_once()
+    assert [h[0].tokens for h in future.result()] == [h[0].tokens for h in want]
+    assert translator.encode(sources[:3]).kv.shape[3] == FIRST_LENGTH
+    static = translator.encode(sources[:3], capacity=(12, 3 * FIRST_LENGTH + 6))
+    assert static.kv.shape[1] == 12 and static.kv.shape[3] == 3 * FIRST_LENGTH + 6
+    got = translator.translate_ids(sources[:3], opts)
     assert [h[0].tokens for h in got] == [h[0].tokens for h in want]
-    assert all(len(h[0].tokens) >= 3 * FIRST_LENGTH for h in got)
 
 
 def test_forced_prefixes_and_joins_in_the_running_batch(translator, concat, sources):
