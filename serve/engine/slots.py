@@ -42,11 +42,6 @@ FIRST_LENGTH = 32  # slots per row at first; doubled when a row needs more (a co
 _sources = itertools.count()  # ids of encoded sources, unique in the process (SlotCache.owner)
 
 
-def moved(index: np.ndarray) -> np.ndarray:
-    """The new rows j that do not hold old row j (index[j] != j): the only ones a gather must write."""
-    return np.flatnonzero(index != np.arange(len(index)))
-
-
 def placement(src: np.ndarray, group: int) -> np.ndarray:
     """The buffer row of each new row j whose content is buffer row src[j] (n = len(src) rows, all
     placed in rows 0..n-1): the first new row of each source row stays there when it may (below n;
@@ -347,8 +342,9 @@ class StepBinding:
     Everything a step reads or writes is bound once: the self-attention buffers (past and present
     are one OrtValue: GroupQueryAttention writes in place), the cross K/V and mask, small input arrays
     a step overwrites in place (OrtValues made from host arrays share their memory on CPU) and the
-    top-k outputs. A step then costs one run: building the feeds and binding every input and output
-    anew took about a tenth of a batch-1 step. Made again when the rows, buffers, k or parts change.
+    top-k outputs. A step then costs one run (per row part): building the feeds and binding every input
+    and output anew took about a tenth of a batch-1 step. Made again when the rows, buffers, k or
+    parts change.
 
     parts: row ranges (row_parts); with more than one, part j binds rows lo:hi of every array (all
     are row-major, so each is a view) to the one-thread session and the parts run side by side."""
