@@ -125,7 +125,8 @@ def row_parts(rows: int, group: int, threads: int) -> list[tuple[int, int]]:
     batch-64 beam-4 step ran 1.7x faster than at 1, with LayerNormalization and Add slower than at
     1. The same step as two half-batch runs, each on one thread of a one-thread session, ran 12-20%
     faster than one run on two threads (bench/results/row-parts.md): each op then runs whole on its
-    core, and the threads meet once per step instead of once per op."""
+    core, and the threads meet once per step instead of once per op. Measured at 2 threads only:
+    every part reads all the weights, so with many threads small parts may cost more than they save."""
     blocks = rows // group
     parts = min(threads, rows // PART_ROWS, blocks)
     if parts <= 1:
