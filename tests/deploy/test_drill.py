@@ -43,8 +43,11 @@ def test_local_config_keeps_the_shipped_file_but_its_addresses():
 
 @needs_haproxy
 def test_short_drill_loses_nothing(tiny_bundle, tmp_path):
+    # Four load clients: a call in flight on the replica that SIGSTOP freezes waits for SIGCONT (2 s
+    # here, before two failed health checks), so with two clients both were sometimes held there and
+    # no call started during the stop; with four, that would take every client at once.
     args = parse_args(["--model-dir", str(tiny_bundle), "--replicas", "2", "--lines", "64",
-                       "--load-threads", "2", "--phase-seconds", "1", "--down-seconds", "1",
+                       "--load-threads", "4", "--phase-seconds", "1", "--down-seconds", "1",
                        "--stop-seconds", "2", "--drain-seconds", "3", "--seed", "1",
                        "--work-dir", str(tmp_path)])
     reports = drill(args)
