@@ -184,7 +184,7 @@ class ContinuousScheduler:
         """One step boundary of every lane: drop stopped rows, admit queued texts, one decoder step."""
         for lane in self.lanes:
             try:
-                self._drop_stopped(lane)
+                self._drop_stopped(lane.texts)
                 self._admit(lane)
                 if lane.texts:
                     self._step(lane)
@@ -195,9 +195,10 @@ class ContinuousScheduler:
                     text.job.fail(exc)
                 lane.texts, lane.cache = [], None
 
-    def _drop_stopped(self, lane: Lane) -> None:
+    def _drop_stopped(self, texts: list[Text]) -> None:
+        """Texts whose request failed or was stopped are done (their rows leave at the next step)."""
         now = time.monotonic()
-        for text in lane.texts:
+        for text in texts:
             if not text.done and (text.job.future.done() or text.job.stop.stopped(now)):
                 text.done = True
                 text.job.fail(text.job.stop.error(now))
@@ -278,11 +279,7 @@ class ContinuousScheduler:
                 for text in texts:
                     text.job.fail(exc)
                 continue
-            now = time.monotonic()
-            for text in texts:  # stopped while encoding: its row joins and leaves at the next step
-                if text.job.future.done() or text.job.stop.stopped(now):
-                    text.done = True
-                    text.job.fail(text.job.stop.error(now))
+            self._drop_stopped(texts)  # stopped while encoding: its row joins and leaves at the next step
             self._join(lane, texts, new, taken)
 
     def _join(self, lane: Lane, taken: list[Text], new: DecoderCache | SlotCache, at: float) -> None:
