@@ -182,10 +182,11 @@ class Runtime:
         # The slot decoder (serve.engine.slots) on CPU, when the bundle has it and it is not turned off.
         self.slot_decoder: Graph | None = None
         self.slot_parts: Graph | None = None  # the same graph on one thread, for steps split by rows
+        self.copy_threads = intra_op_threads or os.cpu_count() or 1  # host threads: see copy_pool below
         if slot_cache and self.device.type == "cpu" and fmt.SLOT_CACHE in manifest.optimizations:
             path, names = bundle_dir / fmt.DECODER_SLOTS_FILE, fmt.slot_decoder_input_names(n)
             self.slot_decoder = Graph(path, options, self.device, names)
-            if (intra_op_threads or os.cpu_count() or 1) > 1:
+            if self.copy_threads > 1:
                 single = session_options(1, inter_op_threads, graph_optimization, allow_spinning)
                 self.slot_parts = Graph(path, single, self.device, names)
         # Its greedy steps read log_probs and take the argmax on the host (serve.engine.slots.best_of).
@@ -214,7 +215,6 @@ class Runtime:
         # copying), as the session's own pool idles between runs. Batch-64 beam 4, 2 threads: the
         # copies were 12% of the time and run 1.7x faster split in two. Steps of many rows run as
         # row parts on these threads too (serve.engine.slots.row_parts).
-        self.copy_threads = intra_op_threads or os.cpu_count() or 1
         self.copy_pool = (ThreadPoolExecutor(self.copy_threads - 1, thread_name_prefix="nmt-copy")
                           if self.slot_decoder is not None and self.copy_threads > 1 else None)
 

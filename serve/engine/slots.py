@@ -200,9 +200,9 @@ class SlotCache:
             self._resize(R, max(total, 2 * capacity))
         # SLOT_HOST_ARGMAX graphs leave top-k to the host for k <= 2; below HOST_ARGMAX_ROWS rows the
         # graph's TopK (asked for 3) costs less than numpy's calls between two runs.
-        host = self.runtime.slot_host_argmax and k <= 2
-        graph_k = 3 if host and R < HOST_ARGMAX_ROWS else k
         rt = self.runtime
+        host = rt.slot_host_argmax and k <= 2
+        graph_k = 3 if host and R < HOST_ARGMAX_ROWS else k
         parts = row_parts(R, self.group, rt.copy_threads) if rt.slot_parts is not None else [(0, R)]
         io = self._io
         if io is None or (io.k, io.rows, io.cross_rows, io.parts) != (graph_k, R, self.cross_rows, parts):
@@ -398,9 +398,9 @@ class StepBinding:
     def run(self, pool: ThreadPoolExecutor | None) -> None:
         """One step: the parts side by side, the first on this thread (ONNX Runtime releases the GIL)."""
         first, *rest = self.bindings
-        futures = [pool.submit(self.session.run_with_iobinding, b) for b in rest] if pool else []
         if rest and pool is None:
             raise RuntimeError("a step split into parts needs the runtime's thread pool")
+        futures = [pool.submit(self.session.run_with_iobinding, b) for b in rest] if pool else []
         self.session.run_with_iobinding(first)
         for future in futures:
             future.result()
