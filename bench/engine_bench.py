@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         system = torch_system if uncached else engine_system
         # The uncached loop is the slow row by far: one timed pass is enough for it (as in `nmt bench`).
         repeats = 1 if uncached else args.repeats
-        results[row.name] = measure(system(row, paths, args.threads), texts, n_latency, repeats, BATCH)
+        results[row.name] = measure({row.name: system(row, paths, args.threads)}, texts, n_latency, repeats,
+                                    BATCH)[row.name]
     torch_out, ort_out = (results[r.name]["outputs"] for r in ROWS)
     same = sum(a[0] == b[0] for a, b in zip(torch_out, ort_out))
     return {"rows": results, "sentences": len(texts), "latency_sentences": n_latency,

@@ -97,9 +97,9 @@ def check(rows: list[dict[str, Any]], texts: list[str], reference: str, ct2_name
     return failures
 
 
-def method_notes(uncached: str, reference: str) -> list[str]:
+def method_notes(uncached: str, reference: str, paired: bool = False) -> list[str]:
     """How to read the table: what each figure counts and where rows are not like for like."""
-    return [
+    notes = [
         f"{uncached} (the textbook loop) decodes one source at a time: it runs once over the latency "
         "sentences only, its tokens/s is sequential, and its BLEU is not computed (a subset); "
         f"'same tokens' compares greedy rows with {reference} (on that subset for the uncached row)",
@@ -108,6 +108,12 @@ def method_notes(uncached: str, reference: str) -> list[str]:
         "beam rows are compared with the CT2 beam row; CTranslate2 normalises beam scores by length^penalty, "
         "we by ((5+L)/6)^penalty, so beam outputs may differ; int8 rows quantize differently per runtime",
     ]
+    if paired:
+        notes.append("--paired: each engine row ran in one process with the CT2 row of the same precision "
+                     "and search, every sentence repeat and every batch on both back to back (the order "
+                     "turning), so both saw the same host speed; their peak RSS is not given (one process "
+                     "held both)")
+    return notes
 
 
 def _speedup(baseline: float | None, value: float | None, higher_is_better: bool) -> float | None:
@@ -130,6 +136,41 @@ def add_ratios(rows: list[dict[str, Any]], ct2_baselines: dict[int, str], torch_
             base = base or {}
             r[f"latency_{prefix}"] = _speedup(base.get("latency_ms"), r.get("latency_ms"), False)
             r[f"throughput_{prefix}"] = _speedup(base.get("tokens_per_s"), r.get("tokens_per_s"), True)
+
+
+def matchups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each engine row against the CT2 row of the same precision and search: speed-ups (> 1: the engine
+    is faster), overall and per round when the rows ran in rounds."""
+    ct2 = {(r["precision"], r["beam"]): r for r in rows if r["system"] == "ct2" and not r.get("error")}
+    out = []
+    for r in rows:
+        theirs = ct2.get((r["precision"], r["beam"]))
+        if r["system"] != "engine" or r.get("error") or theirs is None:
+            continue
+        search = "greedy" if r["beam"] == 1 else f"beam {r['beam']}"
+        m: dict[str, Any] = {
+            "row": f"{r['precision']} {search}", "engine": r["name"], "ct2": theirs["name"],
+            "latency": _speedup(theirs.get("latency_ms"), r.get("latency_ms"), False),
+            "tokens_per_s": _speedup(theirs.get("tokens_per_s"), r.get("tokens_per_s"), True)}
+        if r.get("rounds") and theirs.get("rounds"):
+            for key, higher in (("latency_ms", False), ("tokens_per_s", True)):
+                pairs = zip(theirs["rounds"][key], r["rounds"][key])
+                m[f"{key}_rounds"] = [_speedup(base, ours, higher) for base, ours in pairs]
+        out.append(m)
+    return out
+
+
+def _ratios(values: list[float | None] | None) -> str:
+    return ", ".join("—" if v is None else f"{v:.2f}" for v in values) if values else "—"
+
+
+def _matchup_table(found: list[dict[str, Any]]) -> list[str]:
+    body = [[m["row"], _cell("latency_vs", m["latency"]), _cell("throughput_vs", m["tokens_per_s"]),
+             _ratios(m.get("latency_ms_rounds")), _ratios(m.get("tokens_per_s_rounds"))] for m in found]
+    header = ["engine vs CT2, same precision and search", "batch-1 latency", "batch-64 tokens/s",
+              "latency per round", "tokens/s per round"]
+    return ["", "Engine against the CTranslate2 row of the same precision and search (> 1: the engine is "
+            "faster):", ""] + _table(header, body)
 
 
 def _cell(key: str, value: Any) -> str:
@@ -159,13 +200,18 @@ def markdown(report: dict[str, Any]) -> str:
            f"sentences: {meta['sentences']} ({meta['test_src']}), latency over the first "
            f"{meta['latency_sentences']}; repeats: {meta['repeats']} (medians, warm-up excluded)"
            + (f"; rounds: {meta['rounds']} (every row run that many times round-robin, medians)"
-              if meta.get("rounds", 1) > 1 else "") + ".", "",
+              if meta.get("rounds", 1) > 1 else "")
+           + ("; paired (engine and CT2 rows interleaved in one process)" if meta.get("paired") else "")
+           + ".",
+           "",
            "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), ""]
     body = []
     for r in report["rows"]:
         name = r["name"] if not r.get("error") else f"{r['name']} (FAILED: {r['error']})"
         body.append([_cell(key, name if key == "name" else r.get(key)) for _, key in COLUMNS])
     out += _table([h for h, _ in COLUMNS], body)
+    if report.get("matchups"):
+        out += _matchup_table(report["matchups"])
     grpc = report.get("grpc")
     if grpc and not grpc.get("error"):
         from bench.grpc_bench import markdown as grpc_markdown

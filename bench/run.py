@@ -71,12 +71,41 @@ def run_worker(module: str, args: list[str], job: dict[str, Any] | None, threads
         return {"error": f"worker died: {last}"}
 
 
+def measure_job(paths: dict[str, str], texts: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """What every measuring worker is told besides its row(s)."""
+    return {"paths": paths, "threads": args.threads, "repeats": args.repeats, "texts": texts,
+            "latency_sentences": min(args.latency_sentences, len(texts))}
+
+
 def run_row(row: RowSpec, paths: dict[str, str], texts: list[str],
             args: argparse.Namespace) -> dict[str, Any]:
-    job = {"kind": "row", "row": asdict(row), "paths": paths, "threads": args.threads,
-           "repeats": args.repeats, "texts": texts,
-           "latency_sentences": min(args.latency_sentences, len(texts))}
+    job = {"kind": "row", "row": asdict(row), **measure_job(paths, texts, args)}
     return run_worker("bench.worker", [], job, args.threads)
+
+
+def run_pair(rows: list[RowSpec], paths: dict[str, str], texts: list[str],
+             args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Rows measured in one worker, interleaved (--paired): each row's result; a crash fails them all."""
+    job = {"kind": "pair", "rows": [asdict(r) for r in rows], **measure_job(paths, texts, args)}
+    result = run_worker("bench.worker", [], job, args.threads)
+    if result.get("error") or set(result.get("rows", {})) != {r.name for r in rows}:
+        return {r.name: {"error": result.get("error", "the paired worker returned no result")} for r in rows}
+    return result["rows"]
+
+
+def units(specs: list[RowSpec], paired: bool) -> list[list[RowSpec]]:
+    """What each worker measures: one row, or (paired) an engine row together with the CT2 row of the
+    same precision and search when both are selected."""
+    out: list[list[RowSpec]] = []
+    taken: set[str] = set()
+    for spec in specs:
+        if spec.name in taken:
+            continue
+        mate = next((m for m in specs if paired and spec.system == "engine" and m.system == "ct2"
+                     and (m.precision, m.beam) == (spec.precision, spec.beam)), None)
+        out.append([spec] if mate is None else [spec, mate])
+        taken.update(s.name for s in out[-1])
+    return out
 
 
 def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -89,7 +118,8 @@ def merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("latency_ms", "latency_p90_ms", "tokens_per_s", "throughput_s"):
         values = [r[key] for r in results if r.get(key) is not None]
         row[key] = statistics.median(values) if values else None
-    row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in results)
+    rss = [r["peak_rss_mib"] for r in results if r.get("peak_rss_mib") is not None]
+    row["peak_rss_mib"] = max(rss) if rss else None  # None: paired rows share one process
     row["rounds"] = {key: [r.get(key) for r in results] for key in ("latency_ms", "tokens_per_s")}
     return row
 
@@ -144,6 +174,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1,
                    help="run every row this many times, round-robin in alternating order (medians reported): "
                         "on a host whose speed drifts, rows compared are then measured at the same times")
+    p.add_argument("--paired", action="store_true",
+                   help="measure each engine row in one process with the CT2 row of the same precision and "
+                        "search, interleaved per sentence and per batch: their ratio then does not depend on "
+                        "how the host's speed drifts between rows (peak RSS is not given for those rows)")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--skip-grpc", action="store_true", help="leave out the gRPC measurements")
     p.add_argument("--grpc-requests", type=int, default=200, help="sequential one-sentence requests timed")
@@ -254,14 +288,19 @@ def bench(args: argparse.Namespace) -> int:
         paths, langs = prepare(args, specs, Path(tmpdir))
         texts, refs, label = test_set(args, langs["src_lang"], langs["tgt_lang"])
         runs: dict[str, list[dict[str, Any]]] = {spec.name: [] for spec in specs}
+        plan = units(specs, args.paired)
         for round_ in range(args.rounds):  # round-robin: drift on the host hits every row alike
-            for spec in specs if round_ % 2 == 0 else specs[::-1]:
+            for unit in plan if round_ % 2 == 0 else plan[::-1]:
+                spec = unit[0]
                 n = min(args.latency_sentences, len(texts)) if spec.system == "torch-uncached" else len(texts)
                 of = f" (round {round_ + 1}/{args.rounds})" if args.rounds > 1 else ""
-                log(f"{spec.name}: {n} sentences{of}")
-                runs[spec.name].append(run_row(spec, paths, texts, args))
-                if runs[spec.name][-1].get("error"):
-                    log(f"{spec.name} FAILED: {runs[spec.name][-1]['error']}")
+                log(f"{' + '.join(s.name for s in unit)}: {n} sentences{of}")
+                got = (run_pair(unit, paths, texts, args) if len(unit) > 1
+                       else {spec.name: run_row(spec, paths, texts, args)})
+                for name, result in got.items():
+                    runs[name].append(result)
+                    if result.get("error"):
+                        log(f"{name} FAILED: {result['error']}")
         rows = [{**asdict(spec), **merge_rounds(runs[spec.name])} for spec in specs]
         grpc, profiles = None, []
         if "bundle_fp32" in paths and not args.skip_grpc:
@@ -275,20 +314,22 @@ def bench(args: argparse.Namespace) -> int:
     extras = [("gRPC", grpc or {})] + [("engine profile", p) for p in profiles]
     failures += [f"{what}: {r['error']}" for what, r in extras if r.get("error")]
     report.add_ratios(rows, CT2_BASELINES, UNCACHED)
+    matchups = report.matchups(rows)
     if args.checkpoint is None:
         notes.append("no checkpoint given: PyTorch and CTranslate2 rows left out")
     if not any(r["name"] == REFERENCE and r.get("outputs") for r in rows):
         notes.append(f"token parity and BLEU agreement NOT checked: the {REFERENCE} row did not run")
-    notes += report.method_notes(UNCACHED, REFERENCE)
+    notes += report.method_notes(UNCACHED, REFERENCE, args.paired)
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": report.machine(),
             "threads": args.threads, "sentences": len(texts),
             "latency_sentences": min(args.latency_sentences, len(texts)), "repeats": args.repeats,
-            "rounds": args.rounds, "test_src": label, "versions": report.versions(), "load_average": load_avg,
+            "rounds": args.rounds, "paired": args.paired, "test_src": label, "versions": report.versions(),
+            "load_average": load_avg,
             "wall_s": round(time.perf_counter() - started, 1)}
     for r in rows:  # outputs stay out of the JSON: the texts are reproducible, the file stays small
         r.pop("outputs", None)
-    result = {"meta": meta, "rows": rows, "grpc": grpc, "profiles": profiles, "failures": failures,
-              "notes": notes}
+    result = {"meta": meta, "rows": rows, "matchups": matchups, "grpc": grpc, "profiles": profiles,
+              "failures": failures, "notes": notes}
     md_path, js_path = report.write_report(result, args.out_dir)
     print(report.markdown(result))
     log(f"wrote {md_path} and {js_path} in {meta['wall_s']} s")

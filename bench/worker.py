@@ -77,39 +77,59 @@ SYSTEMS = {"torch-uncached": torch_system, "torch-cached": torch_system, "engine
            "ct2": ct2_system}
 
 
-def measure(run: Callable[[list[str]], list[Output]], texts: list[str], n_latency: int, repeats: int,
-            batch: int) -> dict[str, Any]:
-    """Warm-up, batch-1 latency and batched throughput of one system; outputs in input order.
+def turned(names: list[str], turn: int) -> list[str]:
+    """names rotated by `turn`: which system goes first changes from one sentence or batch to the next."""
+    turn %= len(names)
+    return names[turn:] + names[:turn]
 
+
+def measure(runs: dict[str, Callable[[list[str]], list[Output]]], texts: list[str], n_latency: int,
+            repeats: int, batch: int) -> dict[str, dict[str, Any]]:
+    """Warm-up, batch-1 latency and batched throughput of each system; outputs in input order.
+
+    Several systems (`nmt bench --paired`) are measured interleaved: each repeat of a sentence and
+    each batch of a pass runs on every system back to back, the order turning, so that the host's
+    speed, which drifts by more than the gaps measured, is the same for all of them.
     With batch 1 (a system that decodes one source at a time) the latency pass over all texts
     is also the throughput pass.
     """
-    run(texts[:min(8, len(texts))])  # warm-up: allocations, thread pools, lazy initialisation
-    run(texts[:1])
-    outputs: list[Output | None] = [None] * len(texts)
-    per_sentence = []
+    names = list(runs)
+    for run in runs.values():  # warm-up: allocations, thread pools, lazy initialisation
+        run(texts[:min(8, len(texts))])
+        run(texts[:1])
+    outputs: dict[str, list[Output | None]] = {n: [None] * len(texts) for n in names}
+    per_sentence: dict[str, list[float]] = {n: [] for n in names}
     for i, text in enumerate(texts[:n_latency]):
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            outputs[i] = run([text])[0]
-            times.append(time.perf_counter() - start)
-        per_sentence.append(statistics.median(times))
-    if batch == 1:
-        seconds = sum(per_sentence)
-    else:
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for rep in range(repeats):
+            for n in turned(names, i + rep):
+                start = time.perf_counter()
+                outputs[n][i] = runs[n]([text])[0]
+                times[n].append(time.perf_counter() - start)
+        for n in names:
+            per_sentence[n].append(statistics.median(times[n]))
+    seconds = {n: sum(per_sentence[n]) for n in names}
+    if batch > 1:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # same shortest-first batches for all
         batches = [order[s:s + batch] for s in range(0, len(order), batch)]
-        pass_times = []
+        pass_times: dict[str, list[float]] = {n: [] for n in names}
         for rep in range(repeats):
-            start = time.perf_counter()
-            for idx in batches:
-                got = run([texts[i] for i in idx])
-                if rep == 0:  # the batched outputs are the ones scored
-                    for i, out in zip(idx, got):
-                        outputs[i] = out
-            pass_times.append(time.perf_counter() - start)
-        seconds = statistics.median(pass_times)
+            spent = dict.fromkeys(names, 0.0)
+            for b, idx in enumerate(batches):
+                for n in turned(names, b + rep):
+                    start = time.perf_counter()
+                    got = runs[n]([texts[i] for i in idx])
+                    spent[n] += time.perf_counter() - start
+                    if rep == 0:  # the batched outputs are the ones scored
+                        for i, out in zip(idx, got):
+                            outputs[n][i] = out
+            for n in names:
+                pass_times[n].append(spent[n])
+        seconds = {n: statistics.median(pass_times[n]) for n in names}
+    return {n: figures(outputs[n], per_sentence[n], seconds[n]) for n in names}
+
+
+def figures(outputs: list[Output | None], per_sentence: list[float], seconds: float) -> dict[str, Any]:
     n_tokens = sum(len(o[0]) for o in outputs if o is not None)
     ranked = sorted(per_sentence)
     return {
@@ -128,6 +148,15 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
 
         return grpc_measure(Path(job["bundle"]), job["texts"], device="cpu", requests=job["requests"],
                             duration=job["duration"], beam_size=1, intra_op_threads=job["threads"])
+    if job["kind"] == "pair":  # systems measured in one process, interleaved (nmt bench --paired)
+        rows = [RowSpec(**r) for r in job["rows"]]
+        runs = {row.name: SYSTEMS[row.system](row, job["paths"], job["threads"]) for row in rows}
+        results = measure(runs, job["texts"], job["latency_sentences"], job["repeats"], BATCH)
+        for result in results.values():
+            result["batch"] = BATCH
+            result["peak_rss_mib"] = None  # one process for all of them: no row has its own
+            result["paired_with"] = [row.name for row in rows]
+        return {"rows": results}
     row = RowSpec(**job["row"])
     start = time.perf_counter()
     run = SYSTEMS[row.system](row, job["paths"], job["threads"])
@@ -136,9 +165,9 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     if row.system == "torch-uncached":
         # The textbook loop re-runs the decoder over the whole prefix for every token, one source
         # at a time: the latency sentences, timed once each, are all it needs (and can afford).
-        result = measure(run, texts[:n_latency], n_latency, 1, 1)
+        result = measure({row.name: run}, texts[:n_latency], n_latency, 1, 1)[row.name]
     else:
-        result = measure(run, texts, n_latency, job["repeats"], BATCH)
+        result = measure({row.name: run}, texts, n_latency, job["repeats"], BATCH)[row.name]
     result["load_s"] = load_s
     result["batch"] = 1 if row.system == "torch-uncached" else BATCH
     result["peak_rss_mib"] = peak_rss_mib()

@@ -117,6 +117,64 @@ def test_rounds_merge_into_medians():
     assert merge_rounds([result(10, 300, 90)])["latency_ms"] == 10
 
 
+def test_paired_rows_run_interleaved_in_one_worker(tiny_checkpoint, tiny_bundle, tmp_path, capsys):
+    """--paired: the engine row and the CT2 row of the same precision and search share one worker, their
+    results are each their own (tokens, BLEU), and the matchup table compares exactly those two."""
+    from bench import run
+    from nmt.cli import run_command
+
+    out = tmp_path / "results"
+    rows = "PyTorch cached greedy,engine fp32 greedy,CT2 fp32 greedy,engine fp32 beam 4"
+    rc = run_command("bench", run.main, ["--checkpoint", str(tiny_checkpoint), "--bundle", str(tiny_bundle),
+                     "--sentences", "10", "--latency-sentences", "2", "--repeats", "1", "--threads", "1",
+                     "--rounds", "2", "--paired", "--rows", rows, "--out-dir", str(out), "--skip-grpc",
+                     "--skip-profile"])
+    report = json.loads((out / "latest.json").read_text())
+    assert rc == 0 and report["failures"] == [], report["failures"]
+    by_name = {r["name"]: r for r in report["rows"]}
+    for name in ("engine fp32 greedy", "CT2 fp32 greedy"):
+        r = by_name[name]
+        assert r["paired_with"] == ["engine fp32 greedy", "CT2 fp32 greedy"], name
+        assert r["peak_rss_mib"] is None and r["same_tokens_pct"] == 100.0, name
+        assert len(r["rounds"]["latency_ms"]) == 2 and all(x > 0 for x in r["rounds"]["tokens_per_s"])
+    # A row with no CT2 row selected runs alone, in its own process.
+    alone = by_name["engine fp32 beam 4"]
+    assert "paired_with" not in alone and alone["peak_rss_mib"] > 10
+    (matchup,) = report["matchups"]
+    ours, theirs = by_name["engine fp32 greedy"], by_name["CT2 fp32 greedy"]
+    assert matchup["row"] == "fp32 greedy"
+    assert matchup["tokens_per_s"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
+    assert matchup["latency"] == pytest.approx(theirs["latency_ms"] / ours["latency_ms"])
+    assert len(matchup["tokens_per_s_rounds"]) == 2
+    text = (out / "latest.md").read_text()
+    assert "| fp32 greedy |" in text and "--paired:" in text
+    capsys.readouterr()
+
+
+def test_measure_interleaves_systems_batch_by_batch():
+    """Several systems: every sentence repeat and every batch runs on each back to back, the first to
+    go turning, and each system's outputs are its own."""
+    from bench.worker import measure
+
+    calls: list[tuple[str, int]] = []
+
+    def system(name: str):
+        def run(texts: list[str]) -> list[tuple[list[int], str]]:
+            calls.append((name, len(texts)))
+            return [([len(t)], name + t) for t in texts]
+        return run
+
+    texts = [f"s{i}" * (i + 1) for i in range(5)]
+    got = measure({"a": system("a"), "b": system("b")}, texts, n_latency=2, repeats=2, batch=2)
+    timed = calls[4:]  # after two warm-up calls per system
+    assert [n for n, _ in timed[:8]] == ["a", "b", "b", "a", "b", "a", "a", "b"]  # 2 sentences x 2 repeats
+    batches = timed[8:]
+    assert [n for n, _ in batches] == ["a", "b", "b", "a", "a", "b"] + ["b", "a", "a", "b", "b", "a"]
+    assert [size for _, size in batches[:6]] == [2, 2, 2, 2, 1, 1]
+    assert [o[1] for o in got["b"]["outputs"]] == ["b" + t for t in texts]
+    assert got["a"]["generated_tokens"] == 5 and got["a"]["tokens_per_s"] > 0
+
+
 def test_check_reports_a_conversion_mismatch():
     """A CTranslate2 row whose tokens differ from PyTorch is a failure, named, never hidden."""
     from bench import report, run
