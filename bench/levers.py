@@ -14,7 +14,8 @@ A variant is NAME=BUNDLE[:flag,...]; flags switch one engine lever off or on for
   spin      ORT worker threads spin waiting for work between runs (ORT's default; the engine's is off)
   expand    beam search copies the cross-attention K/V per beam (as before grouped_cross_kv was used)
   concat    the concatenating decoder instead of the bundle's slot decoder (as before slot_cache)
-  whole     every slot decoder step runs whole on the session's threads (as before row parts)
+  whole     every slot decoder step runs whole on the session's threads (as before row parts and shards)
+  unsharded a batch is searched whole, its steps split by rows (as before shards)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from nmt.pair_tokenizer import load_bundle_tokenizer
 from serve.engine.runtime import Runtime
 from serve.engine.translator import EngineConfig, Translator
 
-FLAGS = ("spin", "expand", "concat", "whole")
+FLAGS = ("spin", "expand", "concat", "whole", "unsharded")
 MODES = [("greedy", 1), ("beam 4", 4)]
 
 
@@ -61,7 +62,8 @@ def load_variant(spec: str, threads: int) -> Variant:
     if "whole" in flags:
         runtime.slot_parts = None
     tokenizer = load_bundle_tokenizer(path, manifest.raw)
-    translator = Translator(runtime, manifest, tokenizer, EngineConfig(device="cpu"))
+    config = EngineConfig(device="cpu", shards="unsharded" not in flags)
+    translator = Translator(runtime, manifest, tokenizer, config)
     translator.warmup()
     return Variant(name, translator)
 

@@ -87,9 +87,12 @@ def measure(runs: dict[str, Callable[[list[str]], list[Output]]], texts: list[st
             repeats: int, batch: int) -> dict[str, dict[str, Any]]:
     """Warm-up, batch-1 latency and batched throughput of each system; outputs in input order.
 
-    Several systems (`nmt bench --paired`) are measured interleaved: each repeat of a sentence and
-    each batch of a pass runs on every system back to back, the order turning, so that the host's
-    speed, which drifts by more than the gaps measured, is the same for all of them.
+    Several systems (`nmt bench --paired`) are measured interleaved, the order turning, so that the
+    host's speed, which drifts by more than the gaps measured, is the same for all of them: each
+    batch of a throughput pass runs on every system back to back, and each repeat of the latency
+    sentences runs on every system in turn. Not sentence by sentence: a sentence takes ~10 ms, and
+    one runtime's weights and buffers pushed out of the caches by the other's made the engine's int8
+    greedy batch-1 latency 12-13 ms against 8-11 ms alone, while passes in turn left both as alone.
     With batch 1 (a system that decodes one source at a time) the latency pass over all texts
     is also the throughput pass.
     """
@@ -98,16 +101,14 @@ def measure(runs: dict[str, Callable[[list[str]], list[Output]]], texts: list[st
         run(texts[:min(8, len(texts))])
         run(texts[:1])
     outputs: dict[str, list[Output | None]] = {n: [None] * len(texts) for n in names}
-    per_sentence: dict[str, list[float]] = {n: [] for n in names}
-    for i, text in enumerate(texts[:n_latency]):
-        times: dict[str, list[float]] = {n: [] for n in names}
-        for rep in range(repeats):
-            for n in turned(names, i + rep):
+    times: dict[str, list[list[float]]] = {n: [[] for _ in texts[:n_latency]] for n in names}
+    for rep in range(repeats):
+        for n in turned(names, rep):
+            for i, text in enumerate(texts[:n_latency]):
                 start = time.perf_counter()
                 outputs[n][i] = runs[n]([text])[0]
-                times[n].append(time.perf_counter() - start)
-        for n in names:
-            per_sentence[n].append(statistics.median(times[n]))
+                times[n][i].append(time.perf_counter() - start)
+    per_sentence = {n: [statistics.median(t) for t in times[n]] for n in names}
     seconds = {n: sum(per_sentence[n]) for n in names}
     if batch > 1:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # same shortest-first batches for all

@@ -152,8 +152,8 @@ def test_paired_rows_run_interleaved_in_one_worker(tiny_checkpoint, tiny_bundle,
 
 
 def test_measure_interleaves_systems_batch_by_batch():
-    """Several systems: every sentence repeat and every batch runs on each back to back, the first to
-    go turning, and each system's outputs are its own."""
+    """Several systems: every batch runs on each back to back and every latency pass on each in turn,
+    the first to go turning; each system's outputs are its own."""
     from bench.worker import measure
 
     calls: list[tuple[str, int]] = []
@@ -167,7 +167,7 @@ def test_measure_interleaves_systems_batch_by_batch():
     texts = [f"s{i}" * (i + 1) for i in range(5)]
     got = measure({"a": system("a"), "b": system("b")}, texts, n_latency=2, repeats=2, batch=2)
     timed = calls[4:]  # after two warm-up calls per system
-    assert [n for n, _ in timed[:8]] == ["a", "b", "b", "a", "b", "a", "a", "b"]  # 2 sentences x 2 repeats
+    assert [n for n, _ in timed[:8]] == ["a", "a", "b", "b", "b", "b", "a", "a"]  # 2 repeats of 2 sentences
     batches = timed[8:]
     assert [n for n, _ in batches] == ["a", "b", "b", "a", "a", "b"] + ["b", "a", "a", "b", "b", "a"]
     assert [size for _, size in batches[:6]] == [2, 2, 2, 2, 1, 1]
