@@ -251,10 +251,10 @@ class Runtime:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device.type, self.device.id)
 
     def start(self, src_ids: np.ndarray, src_mask: np.ndarray, alignments: bool = False,
-              capacity: tuple[int, int] | None = None) -> DecoderCache | SlotCache:
+              capacity: tuple[int, int] | None = None, single: bool = False) -> DecoderCache | SlotCache:
         """Encode a padded batch (B, S) and return its decoder state: cross K/V on device, empty past.
-        The slot decoder's cache when there is one (sized for `capacity` (rows, tokens) when given),
-        unless the rows will want alignments."""
+        The slot decoder's cache when there is one (sized for `capacity` (rows, tokens) when given;
+        `single`: stepped on one thread, see SlotCache), unless the rows will want alignments."""
         n = self.n_layers
         cross_out = [fmt.present_name(i, "encoder", w) for i in range(n) for w in ("key", "value")]
         out = self.encoder.run({fmt.INPUT_IDS: src_ids, fmt.ATTENTION_MASK: src_mask}, cross_out)
@@ -263,7 +263,7 @@ class Runtime:
         if self.slot_decoder is not None and not alignments:
             arrays = {name: value.numpy() for name, value in cache.items()}  # host memory: views, no copy
             return SlotCache(self, arrays, np.ascontiguousarray(src_mask, dtype=bool), list(out.values()),
-                             capacity)
+                             capacity, single)
         # The first step's past is empty; a zero-size host array binds on every provider (ORT
         # copies its zero bytes), from then on each step's present stays on the device.
         shape = (src_ids.shape[0], self.n_heads, 0, self.head_dim)

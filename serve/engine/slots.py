@@ -152,8 +152,14 @@ class SlotCache:
     """The running batch's decoder state on the slot decoder; the same interface as DecoderCache."""
 
     def __init__(self, runtime: Runtime, cross: dict[str, np.ndarray], mask: np.ndarray,
-                 keepalive: list[ort.OrtValue], capacity: tuple[int, int] | None = None):
+                 keepalive: list[ort.OrtValue], capacity: tuple[int, int] | None = None,
+                 single: bool = False):
         rt = self.runtime = runtime
+        # single: the cache of one shard of a batch searched as shards side by side (see
+        # serve.engine.translator.shards): its steps run whole on the one-thread session and its
+        # reorders copy on this thread, the other threads being busy with the other shards.
+        # Otherwise steps and copies use all the runtime's threads.
+        self.single = single and rt.slot_parts is not None
         self.rows = rows = mask.shape[0]
         self.group = 1  # rows per cross-attention row (a source's beams share one), as DecoderCache
         self.lengths = np.zeros(rows, dtype=np.int64)  # (R,) tokens each buffer row holds
@@ -203,7 +209,8 @@ class SlotCache:
         rt = self.runtime
         host = rt.slot_host_argmax and k <= 2
         graph_k = 3 if host and R < HOST_ARGMAX_ROWS else k
-        parts = row_parts(R, self.group, rt.copy_threads) if rt.slot_parts is not None else [(0, R)]
+        whole = rt.slot_parts is None or self.single
+        parts = [(0, R)] if whole else row_parts(R, self.group, rt.copy_threads)
         io = self._io
         if io is None or (io.k, io.rows, io.cross_rows, io.parts) != (graph_k, R, self.cross_rows, parts):
             io = self._io = StepBinding(self, graph_k, parts)
@@ -214,7 +221,7 @@ class SlotCache:
         io.small[fmt.POSITION_IDS][:, 0] = self.lengths  # (R, 1) each row's own position
         io.small[fmt.SEQLENS_K][:] = self.lengths  # (R,) the new token's slot per row
         io.small[fmt.TOTAL_SEQUENCE_LENGTH][0] = total
-        io.run(rt.copy_pool)
+        io.run(None if self.single else rt.copy_pool)
         rt.count_step()
         self.lengths = self.lengths + 1
         if io.log_probs is not None:  # greedy on SLOT_HOST_ARGMAX graphs: the best k <= 2 here
@@ -248,7 +255,8 @@ class SlotCache:
             if len(to) <= 16:
                 copy_groups(self.kv, moves, row_axis=1)  # (2L, R, H, L, Dh)
             else:
-                copy_rows(self.kv, moves, self.runtime.copy_pool, self.runtime.copy_threads)
+                rt = self.runtime
+                copy_rows(self.kv, moves, *((None, 1) if self.single else (rt.copy_pool, rt.copy_threads)))
         if new_group > 1:
             self._gather_cross(cross.reshape(-1, new_group)[:, 0])  # blocks stay blocks (`placement`)
         else:
@@ -352,7 +360,7 @@ class StepBinding:
 
     def __init__(self, cache: SlotCache, k: int, parts: list[tuple[int, int]]):
         rt = cache.runtime
-        graph = rt.slot_decoder if len(parts) == 1 else rt.slot_parts
+        graph = rt.slot_decoder if len(parts) == 1 and not cache.single else rt.slot_parts
         assert graph is not None
         R, rc, g = cache.rows, cache.cross_rows, cache.group
         self.rows, self.cross_rows, self.k, self.parts = R, rc, k, parts

@@ -36,6 +36,7 @@ from serve.engine.search import beam_search, greedy_search
 from serve.engine.slots import SlotCache
 
 GREEDY = DecodeOptions()
+SHARD_ROWS = 16  # the fewest rows (sources x beam) a shard of a batch searches (see shards)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class EngineConfig:
     compaction: bool = True  # drop finished rows from the running batch (off only to test that it is exact)
     alignment_layer: int = -1  # decoder layer whose head-averaged cross-attention gives alignments
     slot_cache: bool = True  # the bundle's slot decoder on CPU when it has one (off: to compare the two)
+    shards: bool = True  # big batches searched as shards side by side on the CPU threads (off: to compare)
 
     def errors(self, n_decoder_layers: int) -> list[str]:
         errs = []
@@ -191,16 +193,16 @@ class Translator:
         return results
 
     def encode(self, sources: list[list[int]], alignments: bool = False,
-               capacity: tuple[int, int] | None = None) -> DecoderCache | SlotCache:
+               capacity: tuple[int, int] | None = None, single: bool = False) -> DecoderCache | SlotCache:
         """Encode sources as one padded batch: the decoder state of their rows, nothing fed yet
-        (alignments: a state that can step with the alignment graph; capacity: Runtime.start)."""
+        (alignments: a state that can step with the alignment graph; capacity, single: Runtime.start)."""
         lengths = np.array([len(s) for s in sources])  # (B,)
         S = int(lengths.max())
         src = np.full((len(sources), S), self.manifest.pad_id, dtype=np.int64)  # (B, S)
         for r, ids in enumerate(sources):
             src[r, :len(ids)] = ids
         src_mask = np.arange(S)[None, :] < lengths[:, None]  # (B, S)
-        return self.runtime.start(src, src_mask, alignments, capacity)
+        return self.runtime.start(src, src_mask, alignments, capacity, single)
 
     def budget(self, source_tokens: int, options: DecodeOptions) -> int:
         """Tokens a source of this length may generate (EOS included)."""
@@ -209,32 +211,66 @@ class Translator:
     def decode_batch(self, sources: list[list[int]], options: DecodeOptions,
                      stops: list[StopSignal | None], prefixes: list[list[int]] | None = None
                      ) -> list[list[Hypothesis] | None]:
-        """Encode one packed batch and search it; sources already stopped cost nothing."""
-        def stopped(i: int) -> bool:
-            s = stops[i]
-            return s is not None and s.stopped(time.monotonic())
-
-        live = [i for i in range(len(sources)) if not stopped(i)]
+        """Encode one packed batch and search it (as shards side by side when it is big enough, see
+        `shards`); sources already stopped cost nothing."""
+        live = [i for i in range(len(sources)) if not is_stopped(stops[i])]
         out: list[list[Hypothesis] | None] = [None] * len(sources)
-        if not live:
-            return out
+        rt = self.runtime
+        sharded = self.config.shards and rt.slot_parts is not None and not options.return_alignments
+        pool = rt.copy_pool if sharded else None
+        groups = [[live[j] for j in shard]
+                  for shard in shards(len(live), options.beam_size, rt.copy_threads if pool else 1)]
+        single = len(groups) > 1
+        futures = [pool.submit(self.search, group, sources, options, stops, prefixes, single)
+                   for group in groups[1:]] if pool and single else []
+        found = self.search(groups[0], sources, options, stops, prefixes, single)
+        for future in futures:
+            found.update(future.result())
+        for i, hyps in found.items():
+            for h in hyps or []:
+                h.text = self.tokenizer.decode(h.tokens)
+            out[i] = hyps
+        return out
+
+    def search(self, batch: list[int], sources: list[list[int]], options: DecodeOptions,
+               stops: list[StopSignal | None], prefixes: list[list[int]] | None, single: bool
+               ) -> dict[int, list[Hypothesis] | None]:
+        """Encode sources[i] for i in batch as one padded batch and search it: hypotheses by source index
+        (None: stopped). single: a shard of a bigger batch, run on one thread (SlotCache)."""
+        if not batch:
+            return {}
         m = self.manifest
-        budgets = [self.budget(len(sources[i]), options) for i in live]
-        capacity = (len(live) * options.beam_size, max(budgets) + 1)  # rows, tokens fed at most
-        cache = self.encode([sources[i] for i in live], options.return_alignments, capacity)
+        budgets = [self.budget(len(sources[i]), options) for i in batch]
+        capacity = (len(batch) * options.beam_size, max(budgets) + 1)  # rows, tokens fed at most
+        cache = self.encode([sources[i] for i in batch], options.return_alignments, capacity, single)
         if options.return_alignments:
             cache.alignment_layer = self.alignment_layer
-        row_stopped = lambda r: stopped(live[r])  # noqa: E731 - search rows -> batch indices
-        forced = None if prefixes is None else [prefixes[i] for i in live]
+        row_stopped = lambda r: is_stopped(stops[batch[r]])  # noqa: E731 - search rows -> batch indices
+        forced = None if prefixes is None else [prefixes[i] for i in batch]
         if options.beam_size == 1:
             found = [None if h is None else [h] for h in greedy_search(
                 cache, budgets, options, m.bos_id, m.eos_id, row_stopped, self.compaction, forced)]
         else:
             found = beam_search(cache, budgets, options, m.bos_id, m.eos_id, m.vocab_size, row_stopped,
                                 self.compaction, forced)
-        for r, hyps in enumerate(found):
-            if hyps is not None:
-                for h in hyps:
-                    h.text = self.tokenizer.decode(h.tokens)
-            out[live[r]] = hyps
-        return out
+        return dict(zip(batch, found))
+
+
+def is_stopped(stop: StopSignal | None) -> bool:
+    return stop is not None and stop.stopped(time.monotonic())
+
+
+def shards(n: int, beam: int, threads: int) -> list[list[int]]:
+    """Which of a batch's n sources each shard searches, when the batch runs as shards side by side,
+    one per thread, each with its own cache stepped on one thread: source i goes to shard i % count
+    (a packed batch is sorted by length, so every shard gets short and long sources alike and the
+    shards end at about the same step), each shard holding at least SHARD_ROWS rows (sources x beam).
+    One shard: the batch is searched whole, its steps split by rows (serve.engine.slots.row_parts).
+
+    Why: between two decoder runs the search works on the host (beam bookkeeping, reorder copies,
+    about a sixth of a batch-64 beam-4 step at 2 threads) on one core while the other idles. With
+    shards, one shard's host work overlaps the other's decoder run."""
+    count = min(threads, n * beam // SHARD_ROWS, n)
+    if count <= 1:
+        return [list(range(n))]
+    return [list(range(j, n, count)) for j in range(count)]

@@ -184,10 +184,10 @@ def test_a_failed_or_cancelled_encoding_fails_its_request_only(translator, sourc
     loop = ContinuousScheduler(translator, max_batch_tokens=100_000, thread=False, encode_ahead=True)
     encode = translator.encode
 
-    def failing(batch, alignments=False, capacity=None):
+    def failing(batch, alignments=False, capacity=None, single=False):
         if sources[1] in batch:
             raise RuntimeError("encoder broke")
-        return encode(batch, alignments, capacity)
+        return encode(batch, alignments, capacity, single)
 
     monkeypatch.setattr(translator, "encode", failing)
     kept = loop.submit([sources[0]], GREEDY, StopSignal())

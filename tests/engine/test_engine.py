@@ -97,8 +97,9 @@ def test_compaction_on_and_off_give_identical_outputs(tiny_bundle, translator, s
     rows_seen: list[int] = []
     runtime_start = translator.runtime.start
 
-    def spying_start(src, mask, alignments=False, capacity=None):  # the real cache, counting each step's rows
-        cache = runtime_start(src, mask, alignments, capacity)
+    # the real cache, counting each step's rows
+    def spying_start(src, mask, alignments=False, capacity=None, single=False):
+        cache = runtime_start(src, mask, alignments, capacity, single)
         step = cache.step
         cache.step = lambda tokens, k: (rows_seen.append(len(tokens)), step(tokens, k))[1]
         return cache

@@ -28,7 +28,7 @@ from serve.engine.slots import (
     length_groups,
     row_parts,
 )
-from serve.engine.translator import EngineConfig, Translator
+from serve.engine.translator import SHARD_ROWS, EngineConfig, Translator, shards
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ def test_row_parts_split_whole_blocks_of_enough_rows():
 def test_steps_split_into_row_parts_decide_as_one_run(tiny_bundle, translator, sources, opts):
     """Two threads: steps of many rows run as two one-thread parts side by side. Every token and
     score is the one-thread engine's (each row is computed by the same kernels either way)."""
-    two = Translator.from_bundle(tiny_bundle, EngineConfig(device="cpu", intra_op_threads=2))
+    two = Translator.from_bundle(tiny_bundle, EngineConfig(device="cpu", intra_op_threads=2, shards=False))
     assert two.runtime.slot_parts is not None
     parts_seen = []
     step = SlotCache.step
@@ -291,3 +291,49 @@ def test_steps_split_into_row_parts_decide_as_one_run(tiny_bundle, translator, s
     for g, w in zip(got, want):
         assert [h.tokens for h in g] == [h.tokens for h in w]
         assert [h.score for h in g] == [h.score for h in w]
+
+
+def test_shards_take_every_other_source_and_enough_rows():
+    assert SHARD_ROWS == 16
+    assert shards(64, 4, 2) == [list(range(0, 64, 2)), list(range(1, 64, 2))]
+    assert shards(32, 1, 2) == [list(range(0, 32, 2)), list(range(1, 32, 2))]
+    assert shards(31, 1, 2) == [list(range(31))]  # 15 rows for one shard: the batch stays whole
+    assert shards(12, 4, 3) == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
+    assert shards(64, 4, 1) == [list(range(64))]
+    assert shards(0, 4, 2) == [[]]
+
+
+@pytest.mark.parametrize("opts", [DecodeOptions(), DecodeOptions(beam_size=4, n_best=2, min_length=2)],
+                         ids=["greedy", "beam4"])
+def test_a_batch_searched_as_shards_decides_as_one_run(tiny_bundle, translator, sources, opts):
+    """Two threads: a big batch runs as two shards side by side, each with its own one-thread cache.
+    Every token and score is the one-thread engine's, results come back in input order, and a source
+    stopped before it started is None in its shard without touching the others."""
+    import threading
+
+    two = Translator.from_bundle(tiny_bundle, EngineConfig(device="cpu", intra_op_threads=2))
+    seen = set()
+    step = SlotCache.step
+
+    def spying(self, tokens, k):
+        out = step(self, tokens, k)
+        seen.add((self.single, len(self._io.parts), threading.current_thread().name))
+        return out
+
+    SlotCache.step = spying
+    stops = [None] * len(sources)
+    stops[3] = StopSignal()
+    stops[3].set()
+    try:
+        got = two.translate_ids(sources, opts, stops, max_batch_tokens=100_000)
+    finally:
+        SlotCache.step = step
+    assert {single for single, _, _ in seen} == {True} and {parts for _, parts, _ in seen} == {1}
+    assert len({thread for _, _, thread in seen}) == 2  # both shards stepped, each on its own thread
+    want = translator.translate_ids(sources, opts, max_batch_tokens=100_000)
+    assert got[3] is None
+    for i, (g, w) in enumerate(zip(got, want)):
+        if i != 3:
+            assert [h.tokens for h in g] == [h.tokens for h in w], i
+            assert [h.score for h in g] == [h.score for h in w], i
+            assert [h.text for h in g] == [h.text for h in w], i
