@@ -185,6 +185,23 @@ def test_a_beam_reorder_keeps_each_parents_first_child_in_place(translator, sour
     assert concat[0].shape == (8, 4)
 
 
+def test_the_beams_of_one_text_are_gathered_in_order(translator, sources):
+    """Batch-1 beam search: a reorder of one text's beams (one cross row) puts every beam in its own
+    buffer row, in order, each holding exactly what its parent held."""
+    cache = translator.encode(sources[:1])
+    assert isinstance(cache, SlotCache)
+    cache.step(np.array([1]), 1)
+    cache.keep(np.array([0, 0, 0, 0]), group=4)
+    for step, index in enumerate(([0, 0, 1, 2], [3, 3, 3, 3], [1, 0, 3, 2])):
+        cache.step(np.arange(4) + 5 + step, 1)
+        before = cache.kv.copy()
+        cache.keep(np.array(index), group=4)
+        assert cache.in_order and cache.perm.tolist() == [0, 1, 2, 3] and cache.group == 4
+        n = int(cache.lengths.max())
+        assert np.array_equal(cache.kv[:, :4, :, :n], before[:, index, :, :n])
+    assert cache.step(np.arange(4) + 9, 4)[0].shape == (4, 4)
+
+
 def test_steps_reuse_one_io_binding_until_the_rows_change(translator, sources):
     cache = translator.encode(sources[:3])
     assert isinstance(cache, SlotCache)
