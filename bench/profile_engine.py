@@ -13,6 +13,8 @@ Two passes over the same sentences, after a warm-up:
      look inside the host and loop buckets (cProfile's per-call overhead inflates them, so
      these figures rank functions, the buckets above give the sizes).
 Costs are divided by the decoder steps run (Translator.steps), so they read "per step".
+The engine runs with shards off (serve.engine.translator.shards): shards run searches on several
+threads at once, and timers summed over threads would no longer split one wall time.
 """
 
 from __future__ import annotations
@@ -145,7 +147,8 @@ def profile(bundle: str | Path, texts: list[str], *, batch: int, beam: int, thre
     from nmt.decoding import DecodeOptions
     from serve.engine.translator import EngineConfig, Translator
 
-    translator = Translator.from_bundle(bundle, EngineConfig(device="cpu", intra_op_threads=threads))
+    config = EngineConfig(device="cpu", intra_op_threads=threads, shards=False)  # see the module doc
+    translator = Translator.from_bundle(bundle, config)
     options = DecodeOptions(beam_size=beam)
     run_batches(translator, texts[:batch], batch, options)  # warm-up
     split = split_time(translator, texts, batch, options)
@@ -153,7 +156,8 @@ def profile(bundle: str | Path, texts: list[str], *, batch: int, beam: int, thre
     costs = [{"cost": k, "us_per_step": 1e6 * v / steps, "share": v / split["wall_s"], "what": BUCKETS[k]}
              for k, v in split["seconds"].items()]
     costs.sort(key=lambda c: -c["us_per_step"])
-    return {"tool": "time.perf_counter timers around graph runs + cProfile (own time) for functions",
+    return {"tool": "time.perf_counter timers around graph runs + cProfile (own time) for functions; "
+                    "shards off",
             "batch": batch, "beam": beam, "threads": threads, "sentences": len(texts),
             "decoder_steps": split["steps"], "wall_s": split["wall_s"], "costs": costs,
             "top_functions": top_functions(translator, texts, batch, options, top)}
