@@ -110,9 +110,9 @@ def method_notes(uncached: str, reference: str, paired: bool = False) -> list[st
     ]
     if paired:
         notes.append("--paired: each engine row ran in one process with the CT2 row of the same precision "
-                     "and search, every sentence repeat and every batch on both back to back (the order "
-                     "turning), so both saw the same host speed; their peak RSS is not given (one process "
-                     "held both)")
+                     "and search, every batch on both back to back and every latency pass on both in turn "
+                     "(the order turning), so both saw the same host speed; their peak RSS is not given "
+                     "(one process held both)")
     return notes
 
 

@@ -176,8 +176,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "on a host whose speed drifts, rows compared are then measured at the same times")
     p.add_argument("--paired", action="store_true",
                    help="measure each engine row in one process with the CT2 row of the same precision and "
-                        "search, interleaved per sentence and per batch: their ratio then does not depend on "
-                        "how the host's speed drifts between rows (peak RSS is not given for those rows)")
+                        "search, interleaved per batch and per latency pass: their ratio then does not "
+                        "depend on how the host's speed drifts between rows (no peak RSS for those rows)")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--skip-grpc", action="store_true", help="leave out the gRPC measurements")
     p.add_argument("--grpc-requests", type=int, default=200, help="sequential one-sentence requests timed")
