@@ -67,6 +67,8 @@ def test_beam_equals_reference_beam_with_nbest_order(translator, reference, sour
     for src, hyps in zip(subset, got):
         assert_same(hyps, beam_search(reference, src, opts))
         assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+    for src in subset[:4]:  # one source at a time: the same hypotheses
+        assert_same(translator.translate_ids([src], opts)[0], beam_search(reference, src, opts))
 
 
 @pytest.mark.parametrize("opts", [DecodeOptions(), DecodeOptions(beam_size=4, n_best=2)],

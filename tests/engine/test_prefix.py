@@ -48,6 +48,8 @@ def test_static_engine_with_prefix_equals_reference(translator, reference, cases
         assert hyps is not None and hyps[0].tokens[:len(prefix)] == prefix
         assert_same(hyps, reference_decode(reference, src, prefix, opts))
         changed += bool(prefix) and hyps[0].tokens != translator.translate_ids([src], opts)[0][0].tokens
+        alone = translator.translate_ids([src], opts, prefixes=[prefix])[0]  # batch 1 too
+        assert_same(alone, reference_decode(reference, src, prefix, opts))
     assert changed >= 3  # the prefixes really steer the output
 
 
