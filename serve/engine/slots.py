@@ -160,6 +160,7 @@ class SlotCache:
         # reorders copy on this thread, the other threads being busy with the other shards.
         # Otherwise steps and copies use all the runtime's threads.
         self.single = single and rt.slot_parts is not None
+        self.pool, self.threads = (None, 1) if self.single else (rt.copy_pool, rt.copy_threads)
         self.rows = rows = mask.shape[0]
         self.group = 1  # rows per cross-attention row (a source's beams share one), as DecoderCache
         self.lengths = np.zeros(rows, dtype=np.int64)  # (R,) tokens each buffer row holds
@@ -209,8 +210,7 @@ class SlotCache:
         rt = self.runtime
         host = rt.slot_host_argmax and k <= 2
         graph_k = 3 if host and R < HOST_ARGMAX_ROWS else k
-        whole = rt.slot_parts is None or self.single
-        parts = [(0, R)] if whole else row_parts(R, self.group, rt.copy_threads)
+        parts = [(0, R)] if rt.slot_parts is None else row_parts(R, self.group, self.threads)
         io = self._io
         if io is None or (io.k, io.rows, io.cross_rows, io.parts) != (graph_k, R, self.cross_rows, parts):
             io = self._io = StepBinding(self, graph_k, parts)
@@ -221,7 +221,7 @@ class SlotCache:
         io.small[fmt.POSITION_IDS][:, 0] = self.lengths  # (R, 1) each row's own position
         io.small[fmt.SEQLENS_K][:] = self.lengths  # (R,) the new token's slot per row
         io.small[fmt.TOTAL_SEQUENCE_LENGTH][0] = total
-        io.run(None if self.single else rt.copy_pool)
+        io.run(self.pool)
         rt.count_step()
         self.lengths = self.lengths + 1
         if io.log_probs is not None:  # greedy on SLOT_HOST_ARGMAX graphs: the best k <= 2 here
@@ -245,17 +245,16 @@ class SlotCache:
         n = len(src)
         if n > self.kv.shape[1]:
             self._resize(n, 0)
-        if new_group == n:
-            # The beams of one text (batch-1 beam search): every row in order, one copy up to the
-            # longest moved row. placement and length_groups cost about 40 µs of numpy calls a step,
-            # 5% of an int8 beam-4 step at batch 1, for copies of a few rows that take less.
-            at = np.arange(n)  # (R',)
-            to = np.flatnonzero(at != src)
+        # The beams of one text (batch-1 beam search): every row in order, one copy up to the longest
+        # moved row. placement and length_groups cost about 40 µs of numpy calls a step, 5% of an int8
+        # beam-4 step at batch 1, for copies of a few rows that take less.
+        one_text = new_group == n
+        at = np.arange(n) if one_text else placement(src, new_group)  # (R',) the buffer row of each new row
+        to = np.flatnonzero(at != src)
+        if one_text:
             longest = int(self.lengths[src[to]].max()) if len(to) else 0
             moves = [(to, src[to], longest)] if longest else []
         else:
-            at = placement(src, new_group)  # (R',) the buffer row of each new row
-            to = np.flatnonzero(at != src)
             moves = length_groups(at[to], src[to], self.lengths[src[to]]) if len(to) else []
         if moves:
             # A few rows (beam search of one text): one call for every layer, numpy's per-call cost
@@ -264,8 +263,7 @@ class SlotCache:
             if len(to) <= 16:
                 copy_groups(self.kv, moves, row_axis=1)  # (2L, R, H, L, Dh)
             else:
-                rt = self.runtime
-                copy_rows(self.kv, moves, *((None, 1) if self.single else (rt.copy_pool, rt.copy_threads)))
+                copy_rows(self.kv, moves, self.pool, self.threads)
         if new_group > 1:
             self._gather_cross(cross.reshape(-1, new_group)[:, 0])  # blocks stay blocks (`placement`)
         else:
