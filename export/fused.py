@@ -326,13 +326,17 @@ def fused_encoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
         return b.one("Reshape", [b.one("Gather", [x, to_padded]),
                                  b.one("Concat", [ids_shape, b.const(dims)], axis=0)])
 
-    mask = b.one("Cast", [sb.ATTENTION_MASK], to=TensorProto.INT32)  # (B, S)
+    # The key padding mask as one more key column per head, -1e30 at padding, 0 elsewhere (B, S, H, 1);
+    # the queries' matching column is 1 (see masked_keys).
+    neg = b.one("Where", [sb.ATTENTION_MASK, b.weight("zero", np.array(0.0, np.float32)),
+                          b.weight("mask_fill", np.array(-1e30, np.float32))])  # (B, S)
+    key_mask = b.one("Expand", [b.one("Unsqueeze", [neg, b.const([2, 3])]),
+                                b.one("Concat", [ids_shape, b.const([H, 1])], axis=0)])  # (B, S, H, 1)
     layers: list[Any] = list(model.encoder_layers)
     h, x = b.skip_norm(tok, pe, layers[0].res_attn.norm, None, "enc.0.ln_attn")  # (N, D)
     for i, layer in enumerate(layers):
         p = f"enc.{i}"
-        att = b.attention(padded(b.packed_qkv(h, layer.self_attn, f"{p}.self", Dh), 3 * D),
-                          layer.self_attn, f"{p}.self", H, Dh, [mask])[0]  # (B, S, D)
+        att = masked_attention(b, h, layer.self_attn, f"{p}.self", H, Dh, padded, key_mask)  # (B, S, D)
         att = b.one("Gather", [b.one("Reshape", [att, b.const([-1, D])]), to_flat])  # (N, D)
         y = b.one("MatMul", [att, b.weight(f"{p}.self.out.weight",
                                            layer.self_attn.out_proj.weight.detach().float().T)])
@@ -359,6 +363,33 @@ def fused_encoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
     outputs = [helper.make_tensor_value_info(sb.LAST_HIDDEN_STATE, FLOAT, ["batch", "src_len", D])]
     outputs += [helper.make_tensor_value_info(n, FLOAT, ["batch", H, "src_len", Dh]) for n in names]
     save(b, inputs, outputs, path, opset, "nmt fused encoder")
+
+
+def masked_attention(b: Builder, h: str, attn: Any, prefix: str, heads: int, head_dim: int,
+                     padded: Any, key_mask: str) -> str:
+    """Encoder self-attention of the packed tokens h (N, D), as (B, S, D) over the padded layout.
+
+    ONNX Runtime's CPU MultiHeadAttention takes its flash-attention kernel only without a key padding
+    mask or bias; with them it runs per (batch, head) GEMMs and a mask pass, about twice as long on a
+    64-sentence batch. So the mask travels inside the dot product: every head's queries get one more
+    column, always 1 (a zero weight column with bias 1), and its keys the matching column of
+    `key_mask` (0 at real tokens, -1e30 at padding). A real key's score is exactly q.k; a padded key's
+    is -1e30, whose softmax weight is 0. The projection biases are added by the 2-D MatMuls (ONNX
+    Runtime folds them into Gemm), not by MultiHeadAttention."""
+    D = heads * head_dim
+    s = 1.0 / math.sqrt(head_dim)
+    w_q = (attn.q_proj.weight.detach().float() * s).T.reshape(D, heads, head_dim)  # (D, H, Dh)
+    b_q = (attn.q_proj.bias.detach().float() * s).reshape(heads, head_dim)  # (H, Dh)
+    w_q = torch.cat([w_q, torch.zeros(D, heads, 1)], -1).reshape(D, heads * (head_dim + 1))  # (D, H*(Dh+1))
+    b_q = torch.cat([b_q, torch.ones(heads, 1)], -1).reshape(-1)  # (H*(Dh+1),)
+    q = b.one("MatMul", [h, b.weight(f"{prefix}.q.weight", w_q)])
+    q = b.one("Add", [q, b.weight(f"{prefix}.q.bias", b_q)])  # (N, H*(Dh+1))
+    k = b.linear(h, attn.k_proj.weight, attn.k_proj.bias, f"{prefix}.k")  # (N, D)
+    v = b.linear(h, attn.v_proj.weight, attn.v_proj.bias, f"{prefix}.v")  # (N, D)
+    k = b.one("Concat", [padded(k, [heads, head_dim]), key_mask], axis=-1)  # (B, S, H, Dh+1)
+    k = b.one("Reshape", [k, b.const([0, 0, heads * (head_dim + 1)])])  # (B, S, H*(Dh+1))
+    return b.one("MultiHeadAttention", [padded(q, heads * (head_dim + 1)), k, padded(v, D)], domain=MS,
+                 num_heads=heads, scale=1.0)
 
 
 def sort_nodes(graph: onnx.GraphProto) -> None:

@@ -72,7 +72,10 @@ PACKED_ENCODER = "packed_encoder"  # the encoder removes padding: its position-w
 # tokens only (padded output positions hold copies of the row's last token)
 SLOT_HOST_ARGMAX = "slot_host_argmax"  # the slot decoder works on (rows, d_model); its top-k outputs are
 # computed for top_k > 2 only, greedy steps take the argmax of log_probs [rows, vocab] on the host
-FUSED_OPTIMIZATIONS = (FUSED_ATTENTION, GROUPED_CROSS_KV, SLOT_CACHE, PACKED_ENCODER, SLOT_HOST_ARGMAX)
+KEY_MASK_COLUMN = "key_mask_column"  # the encoder's self-attention takes its key padding mask as one more
+# key column per head (queries: a column of ones), so ONNX Runtime's CPU flash-attention kernel runs it
+FUSED_OPTIMIZATIONS = (FUSED_ATTENTION, GROUPED_CROSS_KV, SLOT_CACHE, PACKED_ENCODER, SLOT_HOST_ARGMAX,
+                       KEY_MASK_COLUMN)
 KNOWN_OPTIMIZATIONS = frozenset(FUSED_OPTIMIZATIONS)
 
 ENCODER_FILE = "encoder.onnx"
