@@ -375,7 +375,8 @@ def masked_attention(b: Builder, h: str, attn: Any, prefix: str, heads: int, hea
     column, always 1 (a zero weight column with bias 1), and its keys the matching column of
     `key_mask` (0 at real tokens, -1e30 at padding). A real key's score is exactly q.k; a padded key's
     is -1e30, whose softmax weight is 0. The projection biases are added by the 2-D MatMuls (ONNX
-    Runtime folds them into Gemm), not by MultiHeadAttention."""
+    Runtime folds them into Gemm), not by MultiHeadAttention. CUDA's MultiHeadAttention takes query
+    and key heads wider than the value heads (65 and 64) on its unfused kernel: not yet run on a GPU."""
     D = heads * head_dim
     s = 1.0 / math.sqrt(head_dim)
     w_q = (attn.q_proj.weight.detach().float() * s).T.reshape(D, heads, head_dim)  # (D, H, Dh)
