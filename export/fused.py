@@ -327,7 +327,7 @@ def fused_encoder(model: Transformer, path: Path, opset: int, skip_layernorm: bo
                                  b.one("Concat", [ids_shape, b.const(dims)], axis=0)])
 
     # The key padding mask as one more key column per head, -1e30 at padding, 0 elsewhere (B, S, H, 1);
-    # the queries' matching column is 1 (see masked_keys).
+    # the queries' matching column is 1 (see masked_attention).
     neg = b.one("Where", [sb.ATTENTION_MASK, b.weight("zero", np.array(0.0, np.float32)),
                           b.weight("mask_fill", np.array(-1e30, np.float32))])  # (B, S)
     key_mask = b.one("Expand", [b.one("Unsqueeze", [neg, b.const([2, 3])]),
