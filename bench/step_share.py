@@ -25,6 +25,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from bench.worker import turned
 from nmt import bundle as sb
 from serve.engine.slots import FIRST_LENGTH
 
@@ -92,27 +93,27 @@ def measure(bundle: Path, rows_list: list[int], cached: int, src_len: int, threa
     """(rows, µs per step, µs per step without attention) for each row count."""
     m = sb.read_manifest(bundle)
     if not (bundle / sb.DECODER_SLOTS_FILE).exists():
-        raise SystemExit(f"{bundle} has no {sb.DECODER_SLOTS_FILE}: export it with fused graphs "
-                         "(fp32 or int8)")
+        raise sb.BundleError(f"{bundle} has no {sb.DECODER_SLOTS_FILE}: export it with fused graphs "
+                             "(fp32 or int8)")
     model = onnx.load(str(bundle / sb.DECODER_SLOTS_FILE))
-    full, bare = session(model, threads), session(without_attention(model, m.d_model), threads)
+    graphs = {"full": session(model, threads), "bare": session(without_attention(model, m.d_model), threads)}
+    capacity = max(FIRST_LENGTH, cached + 1)  # slots per row, as a SlotCache allocates them
     rng = np.random.default_rng(0)
     results = []
     for rows in rows_list:
-        capacity = max(FIRST_LENGTH, cached + 1)  # slots per row, as a SlotCache allocates them
-        pair = [bound(s, rows, cached, src_len, capacity, rng) for s in (full, bare)]
+        bindings = {name: bound(sess, rows, cached, src_len, capacity, rng) for name, sess in graphs.items()}
         runs = max(20, 2000 // rows)
-        times: list[list[float]] = [[], []]
+        times: dict[str, list[float]] = {name: [] for name in graphs}
         for rep in range(repeats):
-            for j in ((0, 1) if rep % 2 == 0 else (1, 0)):  # the order turning
-                sess, io = (full, bare)[j], pair[j][0]
+            for name in turned(list(graphs), rep):
+                sess, io = graphs[name], bindings[name][0]
                 for _ in range(3):
                     sess.run_with_iobinding(io)
                 start = time.perf_counter()
                 for _ in range(runs):
                     sess.run_with_iobinding(io)
-                times[j].append(1e6 * (time.perf_counter() - start) / runs)
-        results.append((rows, statistics.median(times[0]), statistics.median(times[1])))
+                times[name].append(1e6 * (time.perf_counter() - start) / runs)
+        results.append((rows, statistics.median(times["full"]), statistics.median(times["bare"])))
     return results
 
 

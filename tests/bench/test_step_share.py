@@ -4,6 +4,7 @@ shape, and the table has a row per row count."""
 from __future__ import annotations
 
 import re
+import shutil
 
 import numpy as np
 import onnx
@@ -43,3 +44,12 @@ def test_a_path_that_is_no_bundle_is_one_line_and_exit_2(tmp_path, capsys):
     assert step_share.main(["--bundle", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "not a model bundle" in err[0]
+
+
+def test_a_bundle_without_the_slot_decoder_is_one_line_and_exit_2(tiny_bundle, tmp_path, capsys):
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    (b / sb.DECODER_SLOTS_FILE).unlink()
+    assert step_share.main(["--bundle", str(b)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and sb.DECODER_SLOTS_FILE in err[0] and err[0].startswith("error: ")
