@@ -16,6 +16,7 @@ A variant is NAME=BUNDLE[:flag,...]; flags switch one engine lever off or on for
   concat    the concatenating decoder instead of the bundle's slot decoder (as before slot_cache)
   whole     every slot decoder step runs whole on the session's threads (as before row parts and shards)
   unsharded a batch is searched whole, its steps split by rows (as before shards)
+  stock     the slot decoder's attention on ONNX Runtime's kernels, not serve.engine.native's
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from nmt.pair_tokenizer import load_bundle_tokenizer
 from serve.engine.runtime import Runtime
 from serve.engine.translator import EngineConfig, Translator
 
-FLAGS = ("spin", "expand", "concat", "whole", "unsharded")
+FLAGS = ("spin", "expand", "concat", "whole", "unsharded", "stock")
 MODES = [("greedy", 1), ("beam 4", 4)]
 
 
@@ -57,7 +58,7 @@ def load_variant(spec: str, threads: int) -> Variant:
     manifest = read_manifest(path)
     spinning = None if "spin" in flags else False
     runtime = Runtime(Path(path), manifest, "cpu", threads, None, "all", allow_spinning=spinning,
-                      slot_cache="concat" not in flags)
+                      slot_cache="concat" not in flags, native_attention="stock" not in flags)
     runtime.grouped_cross = runtime.grouped_cross and "expand" not in flags
     if "whole" in flags:
         runtime.slot_parts = None

@@ -20,6 +20,8 @@ ENV PATH=/opt/venv/bin:$PATH
 # The full resolved dependency closure of the serving install, pinned (tested versions).
 COPY <<EOF /tmp/requirements-serve.txt
 numpy==2.4.6
+onnx==1.23.2
+ml_dtypes==0.7.0
 onnxruntime-gpu[cuda,cudnn]==1.31.1
 sentencepiece==0.2.3
 grpcio==1.85.3
@@ -59,12 +61,17 @@ RUN pip install -r /tmp/requirements-serve.txt
 
 # Only what serving needs: the torch-free core (nmt/) and serve/. Training, export, the benchmarks and the
 # stress harness (bench/), tests, scripts and docs stay out of the image.
+# A C compiler for the slot decoder's attention kernels (serve/engine/csrc, built by the install below);
+# only the built library goes on to the runtime stage.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY nmt ./nmt
 COPY serve ./serve
 # --no-deps: everything is pinned above, so the project cannot pull in an unpinned (or torch) package.
-RUN pip install --no-deps . && pip check && ! pip show torch >/dev/null 2>&1
+RUN pip install --no-deps . && pip check && ! pip show torch >/dev/null 2>&1 \
+    && cd / && python -c "from serve.engine.native import library_path; assert library_path(), 'attention kernels not built'"
 
 # ---------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE}

@@ -25,6 +25,7 @@ import onnxruntime as ort
 from nmt import bundle as fmt
 from nmt.bundle import BundleError, Manifest
 from nmt.errors import UserError
+from serve.engine import native
 from serve.engine.slots import SlotCache
 
 GRAPH_OPTIMIZATION = {
@@ -112,9 +113,11 @@ def providers_for(device: Device) -> list:
 class Graph:
     """One ONNX graph: runs it through IO binding, host arrays in, outputs where asked."""
 
-    def __init__(self, path: Path, options: ort.SessionOptions, device: Device, expected_inputs: list[str]):
+    def __init__(self, path: Path, options: ort.SessionOptions, device: Device, expected_inputs: list[str],
+                 model: bytes | None = None):
+        """model: the graph at `path` as rewritten in memory (serve.engine.native), to load instead."""
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options,
+            self.session = ort.InferenceSession(str(path) if model is None else model, sess_options=options,
                                                 providers=providers_for(device))
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
             raise BundleError(f"{path}: cannot be loaded by ONNX Runtime ({type(e).__name__}: {e})") from None
@@ -163,7 +166,7 @@ class Runtime:
     def __init__(self, bundle_dir: Path, manifest: Manifest, device: str = "auto",
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  graph_optimization: str = "all", allow_spinning: bool | None = False,
-                 slot_cache: bool = True):
+                 slot_cache: bool = True, native_attention: bool = True):
         options = session_options(intra_op_threads, inter_op_threads, graph_optimization, allow_spinning)
         wanted = requested_device(device)
         self.device = wanted or (Device("cuda") if cuda_driver_present() else Device("cpu"))
@@ -182,13 +185,23 @@ class Runtime:
         # The slot decoder (serve.engine.slots) on CPU, when the bundle has it and it is not turned off.
         self.slot_decoder: Graph | None = None
         self.slot_parts: Graph | None = None  # the same graph on one thread, for steps split by rows
+        self.native_attention = False  # the slot decoder's attention runs on serve.engine.native's kernels
         self.copy_threads = intra_op_threads or os.cpu_count() or 1  # host threads: see copy_pool below
         if slot_cache and self.device.type == "cpu" and fmt.SLOT_CACHE in manifest.optimizations:
             path, names = bundle_dir / fmt.DECODER_SLOTS_FILE, fmt.slot_decoder_input_names(n)
-            self.slot_decoder = Graph(path, options, self.device, names)
+            # Its attention on our compiled kernels when they are built (serve.engine.native).
+            model = native.accelerated(path) if native_attention else None
+            slot_options = session_options(intra_op_threads, inter_op_threads, graph_optimization,
+                                           allow_spinning)
+            if model is not None:
+                native.register(slot_options)
+            self.native_attention = model is not None
+            self.slot_decoder = Graph(path, slot_options, self.device, names, model)
             if self.copy_threads > 1:
                 single = session_options(1, inter_op_threads, graph_optimization, allow_spinning)
-                self.slot_parts = Graph(path, single, self.device, names)
+                if model is not None:
+                    native.register(single)
+                self.slot_parts = Graph(path, single, self.device, names, model)
         # Its greedy steps read log_probs and take the argmax on the host (serve.engine.slots.best_of).
         self.slot_host_argmax = fmt.SLOT_HOST_ARGMAX in manifest.optimizations
         self.vocab_size = manifest.vocab_size  # the log_probs width: the slot decoder's, when it has one

@@ -1,0 +1,116 @@
+"""The slot decoder's attention on our compiled kernels (serve/engine/csrc/nmt_ops.c), on CPU.
+
+At 1 thread ONNX Runtime's CPU GroupQueryAttention and MultiHeadAttention take a third of an int8
+slot-decoder step at 32-64 rows (bench/results/attention-share.md): per (row, head) they make two GEMM
+calls and a softmax pass for a single query. The library `serve.engine._nmt_ops` (built with the
+package; a C compiler is needed at install, see pyproject.toml) registers two ops in the domain
+"nmt" that do the same arithmetic in one pass per (row, head):
+  * nmt.SlotAttention(qkv, past_key, past_value, seqlens_k): the slot decoder's GroupQueryAttention
+    (as many K/V heads as query heads, scale 1, one token per row, the cache written in place);
+  * nmt.CrossAttention(query, key, value, key_padding_mask): its cross-attention MultiHeadAttention
+    (scale 1, K/V in (B, H, S, Dh), an int32 (B, S) mask).
+`accelerated` rewrites a slot decoder's nodes of exactly those forms to these ops, in memory: the
+bundle on disk is unchanged, and a node of any other form stays as it is. Without the library (no
+compiler at install) or with EngineConfig(native_attention=False) the graph runs as exported.
+
+The results equal ONNX Runtime's to float rounding (another summation order and exp; the tests
+compare them within 1e-5, and the engine's tokens with and without).
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import onnxruntime as ort
+
+if TYPE_CHECKING:  # onnx is imported only where a graph is rewritten (`accelerated`)
+    from onnx import ModelProto, NodeProto
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "nmt"
+LIBRARY = "_nmt_ops"  # serve/engine/_nmt_ops<extension suffix>
+MS = "com.microsoft"
+
+
+def library_path() -> Path | None:
+    """The compiled library next to this module, or None when the package was installed without it."""
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"{LIBRARY}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _attributes(node: NodeProto) -> dict[str, object]:
+    from onnx import helper
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _slot_self_attention(node: NodeProto, ranks: dict[str, int]) -> list[str] | None:
+    """The inputs of nmt.SlotAttention for a GroupQueryAttention node of the slot decoder's form."""
+    ins, attrs = list(node.input), _attributes(node)
+    plain = {"num_heads", "kv_num_heads", "scale"}
+    if (len(ins) != 7 or ins[1] or ins[2] or len(node.output) != 3
+            or set(attrs) - plain or attrs.get("num_heads") != attrs.get("kv_num_heads")
+            or attrs.get("scale") != 1.0 or ranks.get(ins[3]) != 4 or ranks.get(ins[4]) != 4):
+        return None
+    return [ins[0], ins[3], ins[4], ins[5]]  # qkv, past key, past value, seqlens_k
+
+
+def _cross_attention(node: NodeProto, ranks: dict[str, int]) -> list[str] | None:
+    """The inputs of nmt.CrossAttention for a MultiHeadAttention node on (B, H, S, Dh) cross K/V."""
+    ins, attrs = list(node.input), _attributes(node)
+    if (len(ins) != 5 or ins[3] or not ins[4] or len(node.output) != 1
+            or set(attrs) - {"num_heads", "scale"} or attrs.get("scale") != 1.0
+            or ranks.get(ins[1]) != 4 or ranks.get(ins[2]) != 4):
+        return None
+    return [ins[0], ins[1], ins[2], ins[4]]  # query, key, value, key_padding_mask (int32)
+
+
+def rewrite(model: ModelProto) -> int:
+    """Point the slot decoder's attention nodes at the "nmt" ops, in place; returns how many."""
+    from onnx import helper
+    graph = model.graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in graph.input}  # the caches, the cross K/V
+    count = 0
+    for node in graph.node:
+        if node.domain != MS:
+            continue
+        form = {"GroupQueryAttention": ("SlotAttention", _slot_self_attention),
+                "MultiHeadAttention": ("CrossAttention", _cross_attention)}.get(node.op_type)
+        inputs = form[1](node, ranks) if form else None
+        if form is None or inputs is None:
+            continue
+        node.op_type, node.domain = form[0], DOMAIN
+        del node.input[:]
+        node.input.extend(inputs)
+        del node.attribute[:]
+        count += 1
+    if count and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return count
+
+
+def accelerated(path: Path) -> bytes | None:
+    """The slot decoder at `path` with its attention on the compiled kernels, serialized; None (the
+    graph runs as exported) without the library or a node to rewrite. Sessions of it need
+    `register(options)`."""
+    if library_path() is None:
+        log.info("serve.engine._nmt_ops is not built: the slot decoder runs ONNX Runtime's attention")
+        return None
+    import onnx  # only here: a server without the library never loads it
+    model = onnx.load(str(path))
+    return model.SerializeToString() if rewrite(model) else None
+
+
+def register(options: ort.SessionOptions) -> None:
+    """Make the "nmt" ops known to sessions made with `options` (the library must exist)."""
+    library = library_path()
+    if library is None:
+        raise RuntimeError("serve.engine._nmt_ops is not built")
+    options.register_custom_ops_library(str(library))

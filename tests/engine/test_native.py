@@ -1,0 +1,198 @@
+"""The slot decoder's attention on our compiled kernels (serve.engine.native) against ONNX Runtime's.
+
+Each op is run beside the com.microsoft op it replaces on the same inputs (outputs to float rounding,
+caches bit for bit), the rewrite is checked on a real slot decoder, and the engine must decide exactly
+as with ONNX Runtime's kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import read_lines
+from onnx import TensorProto, helper
+
+from nmt import bundle as fmt
+from nmt.decoding import DecodeOptions
+from serve.engine import native
+from serve.engine.translator import EngineConfig, Translator
+
+MISSING = "serve.engine._nmt_ops is not built (no C compiler at install): the engine runs ORT's kernels"
+
+
+@pytest.fixture(scope="module")
+def built() -> None:
+    if native.library_path() is None:
+        pytest.skip(MISSING)
+
+
+def test_the_library_is_built_where_required():
+    """CI installs a compiler (.ci/run sets NMT_REQUIRE_NATIVE): there a library that failed to build
+    fails here instead of every other test skipping."""
+    if native.library_path() is None and not os.environ.get("NMT_REQUIRE_NATIVE"):
+        pytest.skip(MISSING)
+    assert native.library_path() is not None, MISSING
+
+
+def session(node: onnx.NodeProto, inputs: list, outputs: list[str], custom: bool) -> ort.InferenceSession:
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                                                    for o in outputs])
+    opsets = [helper.make_opsetid(domain, version) for domain, version in (("", 17), ("com.microsoft", 1),
+                                                                             ("nmt", 1))]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    if custom:
+        native.register(options)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def value(name: str, dtype: int, shape: list[int]):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def run_bound(sess: ort.InferenceSession, inputs: dict[str, np.ndarray],
+              outputs: dict[str, np.ndarray]) -> None:
+    """One run with every array bound (an output bound to an input's array is written in place)."""
+    binding = sess.io_binding()
+    values = {id(a): ort.OrtValue.ortvalue_from_numpy(a) for a in [*inputs.values(), *outputs.values()]}
+    for name, array in inputs.items():
+        binding.bind_ortvalue_input(name, values[id(array)])
+    for name, array in outputs.items():
+        binding.bind_ortvalue_output(name, values[id(array)])
+    sess.run_with_iobinding(binding)
+
+
+@pytest.mark.parametrize("rows,heads,head_dim,slots",
+                         [(1, 2, 32, 8), (5, 4, 64, 16), (3, 2, 24, 10), (19, 4, 64, 40)],
+                         ids=["one-row", "small-model", "generic-head-dim", "many-rows"])
+def test_slot_attention_is_group_query_attention(built, rows, heads, head_dim, slots):
+    """Three steps of rows of different lengths, caches bound in place as the slot cache binds them:
+    the same outputs (to float rounding) and the same caches (bit for bit) as GroupQueryAttention."""
+    D = heads * head_dim
+    cache = [rows, heads, slots, head_dim]
+    ins = [value("qkv", TensorProto.FLOAT, [rows, 1, 3 * D]), value("k", TensorProto.FLOAT, cache),
+           value("v", TensorProto.FLOAT, cache), value("lengths", TensorProto.INT32, [rows]),
+           value("total", TensorProto.INT32, [1])]
+    outs = ["out", "k_out", "v_out"]
+    gqa = session(helper.make_node("GroupQueryAttention", ["qkv", "", "", "k", "v", "lengths", "total"], outs,
+                                   domain="com.microsoft", num_heads=heads, kv_num_heads=heads, scale=1.0),
+                  ins, outs, custom=False)
+    ours = session(helper.make_node("SlotAttention", ["qkv", "k", "v", "lengths"], outs, domain="nmt"),
+                   ins[:4], outs, custom=True)
+    rng = np.random.default_rng(rows)
+    k0, v0 = (rng.standard_normal(cache, dtype=np.float32) for _ in range(2))
+    lengths = rng.integers(0, slots - 3, rows).astype(np.int32)
+    caches = {name: (k0.copy(), v0.copy()) for name in ("gqa", "ours")}
+    for _ in range(3):
+        qkv = rng.standard_normal((rows, 1, 3 * D), dtype=np.float32)
+        got = {}
+        for name, sess in (("gqa", gqa), ("ours", ours)):
+            k, v = caches[name]
+            out = np.zeros((rows, 1, D), np.float32)
+            feeds = {"qkv": qkv, "k": k, "v": v, "lengths": lengths}
+            if name == "gqa":
+                feeds["total"] = np.array([lengths.max() + 1], np.int32)
+            run_bound(sess, feeds, {"out": out, "k_out": k, "v_out": v})
+            got[name] = out
+        np.testing.assert_allclose(got["ours"], got["gqa"], rtol=1e-5, atol=1e-5)
+        for a, b in zip(caches["ours"], caches["gqa"]):
+            np.testing.assert_array_equal(a, b)
+        lengths = lengths + 1
+    # the new tokens landed in the caches: slot lengths[r] - 1 of row r holds that step's k
+    assert not np.array_equal(caches["ours"][0], k0)
+
+
+@pytest.mark.parametrize("sources,group,heads,src_len,head_dim", [(1, 1, 2, 5, 32), (4, 4, 4, 9, 64),
+                                                                    (5, 2, 2, 7, 24)],
+                         ids=["one-query", "beams", "generic-head-dim"])
+def test_cross_attention_is_multi_head_attention(built, sources, group, heads, src_len, head_dim):
+    """Prefix masks, padding inside a row and a fully masked row, with `group` queries per source."""
+    D = heads * head_dim
+    kv = [sources, heads, src_len, head_dim]
+    ins = [value("q", TensorProto.FLOAT, [sources, group, D]), value("k", TensorProto.FLOAT, kv),
+           value("v", TensorProto.FLOAT, kv), value("mask", TensorProto.INT32, [sources, src_len])]
+    mha = session(helper.make_node("MultiHeadAttention", ["q", "k", "v", "", "mask"], ["out"],
+                                   domain="com.microsoft", num_heads=heads, scale=1.0),
+                  ins, ["out"], custom=False)
+    ours = session(helper.make_node("CrossAttention", ["q", "k", "v", "mask"], ["out"], domain="nmt"),
+                   ins, ["out"], custom=True)
+    rng = np.random.default_rng(sources)
+    mask = (np.arange(src_len)[None] < rng.integers(1, src_len + 1, sources)[:, None]).astype(np.int32)
+    if sources > 1:
+        mask[1] = rng.integers(0, 2, src_len)
+        mask[1, 0] = 1  # padding inside the row, not at its end
+        mask[-1] = 0  # nothing to attend to: every key, as MultiHeadAttention's constant mask offset does
+    feeds = {"q": rng.standard_normal((sources, group, D), dtype=np.float32),
+             "k": rng.standard_normal(kv, dtype=np.float32), "v": rng.standard_normal(kv, dtype=np.float32),
+             "mask": mask}
+    want, = mha.run(None, feeds)
+    got, = ours.run(None, feeds)
+    live = mask.any(axis=1)
+    np.testing.assert_allclose(got[live], want[live], rtol=1e-5, atol=1e-5)
+    # MultiHeadAttention adds -10000 to every score of the masked row, which rounds them to ~1e-3
+    np.testing.assert_allclose(got[~live], want[~live], atol=2e-3)
+
+
+def test_bad_inputs_are_errors_not_crashes(built):
+    ins = [value("qkv", TensorProto.FLOAT, None), value("k", TensorProto.FLOAT, None),
+           value("v", TensorProto.FLOAT, None), value("lengths", TensorProto.INT32, None)]
+    outs = ["out", "k_out", "v_out"]
+    ours = session(helper.make_node("SlotAttention", ["qkv", "k", "v", "lengths"], outs, domain="nmt"),
+                   ins, outs, custom=True)
+    cache = np.zeros((2, 2, 4, 16), np.float32)
+    feeds = {"qkv": np.zeros((2, 1, 96), np.float32), "k": cache, "v": cache,
+             "lengths": np.array([0, 4], np.int32)}
+    with pytest.raises(Exception, match="a seqlens_k outside the cache's slots"):
+        ours.run(None, feeds)
+    feeds.update(lengths=np.array([0, 1], np.int32), qkv=np.zeros((2, 1, 95), np.float32))
+    with pytest.raises(Exception, match="disagree"):
+        ours.run(None, feeds)
+
+
+def test_the_slot_decoder_is_rewritten_and_other_forms_are_left_alone(built, tiny_bundle):
+    model = onnx.load(str(tiny_bundle / fmt.DECODER_SLOTS_FILE))
+    layers = sum(1 for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    assert native.rewrite(model) == 2 * layers
+    ops = {(n.domain, n.op_type) for n in model.graph.node}
+    assert ("nmt", "SlotAttention") in ops and ("nmt", "CrossAttention") in ops
+    assert not any("Attention" in op for domain, op in ops if domain == "com.microsoft")
+    assert any(o.domain == native.DOMAIN for o in model.opset_import)
+    # A scale other than 1 (the exporter folds it into the query projection) is not our op's form.
+    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "k", "v", "lengths", "total"],
+                            ["o", "k2", "v2"], domain="com.microsoft", num_heads=2, kv_num_heads=2, scale=0.5)
+    cache = [None, 2, None, 16]
+    inputs = [value("qkv", TensorProto.FLOAT, [None, 1, 96]), value("k", TensorProto.FLOAT, cache),
+              value("v", TensorProto.FLOAT, cache), value("lengths", TensorProto.INT32, [None]),
+              value("total", TensorProto.INT32, [1])]
+    graph = helper.make_graph([node], "g", inputs, [value("o", TensorProto.FLOAT, None)])
+    assert native.rewrite(helper.make_model(graph)) == 0
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_bundle) -> Translator:
+    config = EngineConfig(device="cpu", intra_op_threads=1, native_attention=False)
+    return Translator.from_bundle(tiny_bundle, config)
+
+
+@pytest.mark.parametrize("opts", [DecodeOptions(), DecodeOptions(beam_size=4, n_best=2)],
+                         ids=["greedy", "beam4"])
+def test_the_engine_decides_as_with_onnx_runtimes_kernels(built, translator, stock, opts):
+    assert translator.runtime.native_attention and not stock.runtime.native_attention
+    sources = translator.tokenize(read_lines("test_2016_flickr", "en", 40))
+    got = translator.translate_ids(sources, opts, max_batch_tokens=100_000)
+    want = stock.translate_ids(sources, opts, max_batch_tokens=100_000)
+    for g, w in zip(got, want):
+        assert [h.tokens for h in g] == [h.tokens for h in w]
+        assert [h.score for h in g] == pytest.approx([h.score for h in w], abs=1e-4)
+
+
+def test_without_the_library_the_graph_runs_as_exported(tiny_bundle, monkeypatch):
+    monkeypatch.setattr(native, "library_path", lambda: None)
+    engine = Translator.from_bundle(tiny_bundle, EngineConfig(device="cpu", intra_op_threads=1, warmup=False))
+    assert engine.runtime.slot_decoder is not None and not engine.runtime.native_attention
+    assert engine.translate(["A man is riding a bike."])[0].text
