@@ -1,8 +1,8 @@
 """The slot decoder's attention on our compiled kernels (serve.engine.native) against ONNX Runtime's.
 
-Each op is run beside the com.microsoft op it replaces on the same inputs (outputs to float rounding,
-caches bit for bit), the rewrite is checked on a real slot decoder, and the engine must decide exactly
-as with ONNX Runtime's kernels.
+Each op runs beside the com.microsoft op it replaces (one-node graphs from bench.native_attention) on
+the same inputs: outputs equal to float rounding, caches bit for bit. The rewrite is checked on a real
+slot decoder, and the engine must decide exactly as with ONNX Runtime's kernels.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import os
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from conftest import read_lines
 from onnx import TensorProto, helper
 
+from bench.native_attention import bind, cross_attention, self_attention
 from nmt import bundle as fmt
 from nmt.decoding import DecodeOptions
 from serve.engine import native
@@ -38,35 +38,6 @@ def test_the_library_is_built_where_required():
     assert native.library_path() is not None, MISSING
 
 
-def session(node: onnx.NodeProto, inputs: list, outputs: list[str], custom: bool) -> ort.InferenceSession:
-    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
-                                                    for o in outputs])
-    opsets = [helper.make_opsetid(domain, version) for domain, version in (("", 17), ("com.microsoft", 1),
-                                                                             ("nmt", 1))]
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    if custom:
-        native.register(options)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def value(name: str, dtype: int, shape: list[int]):
-    return helper.make_tensor_value_info(name, dtype, shape)
-
-
-def run_bound(sess: ort.InferenceSession, inputs: dict[str, np.ndarray],
-              outputs: dict[str, np.ndarray]) -> None:
-    """One run with every array bound (an output bound to an input's array is written in place)."""
-    binding = sess.io_binding()
-    values = {id(a): ort.OrtValue.ortvalue_from_numpy(a) for a in [*inputs.values(), *outputs.values()]}
-    for name, array in inputs.items():
-        binding.bind_ortvalue_input(name, values[id(array)])
-    for name, array in outputs.items():
-        binding.bind_ortvalue_output(name, values[id(array)])
-    sess.run_with_iobinding(binding)
-
-
 @pytest.mark.parametrize("rows,heads,head_dim,slots",
                          [(1, 2, 32, 8), (5, 4, 64, 16), (3, 2, 24, 10), (19, 4, 64, 40)],
                          ids=["one-row", "small-model", "generic-head-dim", "many-rows"])
@@ -75,15 +46,7 @@ def test_slot_attention_is_group_query_attention(built, rows, heads, head_dim, s
     the same outputs (to float rounding) and the same caches (bit for bit) as GroupQueryAttention."""
     D = heads * head_dim
     cache = [rows, heads, slots, head_dim]
-    ins = [value("qkv", TensorProto.FLOAT, [rows, 1, 3 * D]), value("k", TensorProto.FLOAT, cache),
-           value("v", TensorProto.FLOAT, cache), value("lengths", TensorProto.INT32, [rows]),
-           value("total", TensorProto.INT32, [1])]
-    outs = ["out", "k_out", "v_out"]
-    gqa = session(helper.make_node("GroupQueryAttention", ["qkv", "", "", "k", "v", "lengths", "total"], outs,
-                                   domain="com.microsoft", num_heads=heads, kv_num_heads=heads, scale=1.0),
-                  ins, outs, custom=False)
-    ours = session(helper.make_node("SlotAttention", ["qkv", "k", "v", "lengths"], outs, domain="nmt"),
-                   ins[:4], outs, custom=True)
+    gqa, ours = (self_attention(custom, heads, head_dim) for custom in (False, True))
     rng = np.random.default_rng(rows)
     k0, v0 = (rng.standard_normal(cache, dtype=np.float32) for _ in range(2))
     lengths = rng.integers(0, slots - 3, rows).astype(np.int32)
@@ -97,7 +60,7 @@ def test_slot_attention_is_group_query_attention(built, rows, heads, head_dim, s
             feeds = {"qkv": qkv, "k": k, "v": v, "lengths": lengths}
             if name == "gqa":
                 feeds["total"] = np.array([lengths.max() + 1], np.int32)
-            run_bound(sess, feeds, {"out": out, "k_out": k, "v_out": v})
+            sess.run_with_iobinding(bind(sess, feeds, {"out": out, "k_out": k, "v_out": v}))
             got[name] = out
         np.testing.assert_allclose(got["ours"], got["gqa"], rtol=1e-5, atol=1e-5)
         for a, b in zip(caches["ours"], caches["gqa"]):
@@ -114,13 +77,7 @@ def test_cross_attention_is_multi_head_attention(built, sources, group, heads, s
     """Prefix masks, padding inside a row and a fully masked row, with `group` queries per source."""
     D = heads * head_dim
     kv = [sources, heads, src_len, head_dim]
-    ins = [value("q", TensorProto.FLOAT, [sources, group, D]), value("k", TensorProto.FLOAT, kv),
-           value("v", TensorProto.FLOAT, kv), value("mask", TensorProto.INT32, [sources, src_len])]
-    mha = session(helper.make_node("MultiHeadAttention", ["q", "k", "v", "", "mask"], ["out"],
-                                   domain="com.microsoft", num_heads=heads, scale=1.0),
-                  ins, ["out"], custom=False)
-    ours = session(helper.make_node("CrossAttention", ["q", "k", "v", "mask"], ["out"], domain="nmt"),
-                   ins, ["out"], custom=True)
+    mha, ours = (cross_attention(custom, heads, head_dim) for custom in (False, True))
     rng = np.random.default_rng(sources)
     mask = (np.arange(src_len)[None] < rng.integers(1, src_len + 1, sources)[:, None]).astype(np.int32)
     if sources > 1:
@@ -139,17 +96,13 @@ def test_cross_attention_is_multi_head_attention(built, sources, group, heads, s
 
 
 def test_bad_inputs_are_errors_not_crashes(built):
-    ins = [value("qkv", TensorProto.FLOAT, None), value("k", TensorProto.FLOAT, None),
-           value("v", TensorProto.FLOAT, None), value("lengths", TensorProto.INT32, None)]
-    outs = ["out", "k_out", "v_out"]
-    ours = session(helper.make_node("SlotAttention", ["qkv", "k", "v", "lengths"], outs, domain="nmt"),
-                   ins, outs, custom=True)
+    ours = self_attention(True, heads=2, head_dim=16)
     cache = np.zeros((2, 2, 4, 16), np.float32)
     feeds = {"qkv": np.zeros((2, 1, 96), np.float32), "k": cache, "v": cache,
              "lengths": np.array([0, 4], np.int32)}
     with pytest.raises(Exception, match="a seqlens_k outside the cache's slots"):
         ours.run(None, feeds)
-    feeds.update(lengths=np.array([0, 1], np.int32), qkv=np.zeros((2, 1, 95), np.float32))
+    feeds.update(lengths=np.array([0, 1], np.int32), v=np.zeros((2, 2, 5, 16), np.float32))  # 5 slots, not 4
     with pytest.raises(Exception, match="disagree"):
         ours.run(None, feeds)
 
@@ -166,10 +119,13 @@ def test_the_slot_decoder_is_rewritten_and_other_forms_are_left_alone(built, tin
     node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "k", "v", "lengths", "total"],
                             ["o", "k2", "v2"], domain="com.microsoft", num_heads=2, kv_num_heads=2, scale=0.5)
     cache = [None, 2, None, 16]
-    inputs = [value("qkv", TensorProto.FLOAT, [None, 1, 96]), value("k", TensorProto.FLOAT, cache),
-              value("v", TensorProto.FLOAT, cache), value("lengths", TensorProto.INT32, [None]),
-              value("total", TensorProto.INT32, [1])]
-    graph = helper.make_graph([node], "g", inputs, [value("o", TensorProto.FLOAT, None)])
+    inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [None, 1, 96]),
+              helper.make_tensor_value_info("k", TensorProto.FLOAT, cache),
+              helper.make_tensor_value_info("v", TensorProto.FLOAT, cache),
+              helper.make_tensor_value_info("lengths", TensorProto.INT32, [None]),
+              helper.make_tensor_value_info("total", TensorProto.INT32, [1])]
+    output = helper.make_tensor_value_info("o", TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "g", inputs, [output])
     assert native.rewrite(helper.make_model(graph)) == 0
 
 

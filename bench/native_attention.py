@@ -1,0 +1,155 @@
+"""ONNX Runtime's attention ops against serve.engine.native's compiled ones, alone, on slot-decoder shapes.
+
+    python -m bench.native_attention [--threads 1] [--heads 4] [--head-dim 64] [--cached 15] [--source 20]
+
+Per row count, on the same inputs, runs interleaved, best of --repeats:
+  * self: GroupQueryAttention against nmt.SlotAttention, one new token per row over --cached tokens,
+    the caches bound in place as the slot cache binds them;
+  * cross: MultiHeadAttention against nmt.CrossAttention over --source tokens (a tenth of them padding),
+    one query per source row, and four (a source's beams) in the `4 per source` rows.
+The engine-level effect is `python -m bench.levers --variant stock=B:stock --variant native=B`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from serve.engine import native
+
+FLOAT, INT32 = TensorProto.FLOAT, TensorProto.INT32
+
+
+def session(node: onnx.NodeProto, inputs: list[onnx.ValueInfoProto], outputs: list[str], custom: bool,
+            threads: int = 1) -> ort.InferenceSession:
+    """A one-node graph on the CPU; custom: the "nmt" ops registered."""
+    graph = helper.make_graph([node], node.op_type, inputs,
+                              [helper.make_tensor_value_info(o, FLOAT, None) for o in outputs])
+    opsets = [helper.make_opsetid(d, v) for d, v in (("", 17), ("com.microsoft", 1), (native.DOMAIN, 1))]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if custom:
+        native.register(options)
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def self_attention(custom: bool, heads: int, head_dim: int, threads: int = 1) -> ort.InferenceSession:
+    """GroupQueryAttention as the slot decoder uses it (inputs qkv, k, v, lengths, total; outputs out,
+    k_out, v_out), or nmt.SlotAttention (the same without `total`)."""
+    D = heads * head_dim
+    cache = [None, heads, None, head_dim]
+    ins = [helper.make_tensor_value_info("qkv", FLOAT, [None, 1, 3 * D]),
+           helper.make_tensor_value_info("k", FLOAT, cache), helper.make_tensor_value_info("v", FLOAT, cache),
+           helper.make_tensor_value_info("lengths", INT32, [None]),
+           helper.make_tensor_value_info("total", INT32, [1])]
+    outs = ["out", "k_out", "v_out"]
+    if custom:
+        node = helper.make_node("SlotAttention", ["qkv", "k", "v", "lengths"], outs, domain=native.DOMAIN)
+        return session(node, ins[:4], outs, True, threads)
+    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "k", "v", "lengths", "total"], outs,
+                            domain=native.MS, num_heads=heads, kv_num_heads=heads, scale=1.0)
+    return session(node, ins, outs, False, threads)
+
+
+def cross_attention(custom: bool, heads: int, head_dim: int, threads: int = 1) -> ort.InferenceSession:
+    """MultiHeadAttention on (B, H, S, Dh) cross K/V with an int32 mask (inputs q, k, v, mask; output
+    out), or nmt.CrossAttention."""
+    kv = [None, heads, None, head_dim]
+    ins = [helper.make_tensor_value_info("q", FLOAT, [None, None, heads * head_dim]),
+           helper.make_tensor_value_info("k", FLOAT, kv), helper.make_tensor_value_info("v", FLOAT, kv),
+           helper.make_tensor_value_info("mask", INT32, [None, None])]
+    if custom:
+        node = helper.make_node("CrossAttention", ["q", "k", "v", "mask"], ["out"], domain=native.DOMAIN)
+    else:
+        node = helper.make_node("MultiHeadAttention", ["q", "k", "v", "", "mask"], ["out"], domain=native.MS,
+                                num_heads=heads, scale=1.0)
+    return session(node, ins, ["out"], custom, threads)
+
+
+def bind(sess: ort.InferenceSession, inputs: dict[str, np.ndarray],
+         outputs: dict[str, np.ndarray]) -> ort.IOBinding:
+    """Every array bound once; an output bound to an input's array is written in place."""
+    binding = sess.io_binding()
+    values = {id(a): ort.OrtValue.ortvalue_from_numpy(a) for a in [*inputs.values(), *outputs.values()]}
+    for name, array in inputs.items():
+        binding.bind_ortvalue_input(name, values[id(array)])
+    for name, array in outputs.items():
+        binding.bind_ortvalue_output(name, values[id(array)])
+    return binding
+
+
+def best_us(runs: list, repeats: int, calls: int = 100) -> list[float]:
+    """µs per call of each run, the best of `repeats` passes, the runs taking turns in every pass."""
+    best = [float("inf")] * len(runs)
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            best[i] = min(best[i], (time.perf_counter() - start) / calls)
+    return [b * 1e6 for b in best]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.native_attention", description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--cached", type=int, default=15, help="tokens in each row's self-attention cache")
+    p.add_argument("--source", type=int, default=20, help="source tokens of each cross-attention row")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args(argv)
+    if native.library_path() is None:
+        print("bench.native_attention: serve.engine._nmt_ops is not built (no C compiler at install)",
+              file=sys.stderr)
+        return 2
+    H, Dh, S = args.heads, args.head_dim, args.source
+    D, slots = H * Dh, 2 * args.cached
+    rng = np.random.default_rng(0)
+    pairs = {kind: [make(custom, H, Dh, args.threads) for custom in (False, True)]
+             for kind, make in (("self", self_attention), ("cross", cross_attention))}
+    print(f"threads {args.threads}, {H} heads x {Dh}, {args.cached} cached tokens, {S} source tokens; "
+          f"best of {args.repeats}; load average before {os.getloadavg()[0]:.2f}")
+    print("| kernel | rows | ONNX Runtime µs | nmt µs | speed-up |")
+    print("|---|---|---|---|---|")
+    for rows in args.rows:
+        for kind, group in (("self", 1), ("cross", 1), ("cross", 4)):
+            if rows % group:
+                continue
+            runs = []
+            for custom, sess in enumerate(pairs[kind]):
+                if kind == "self":
+                    k, v = (rng.standard_normal((rows, H, slots, Dh), dtype=np.float32) for _ in range(2))
+                    lengths = np.full(rows, args.cached, np.int32)
+                    inputs = {"qkv": rng.standard_normal((rows, 1, 3 * D), dtype=np.float32), "k": k, "v": v,
+                              "lengths": lengths}
+                    if not custom:
+                        inputs["total"] = np.array([args.cached + 1], np.int32)
+                    outputs = {"out": np.zeros((rows, 1, D), np.float32), "k_out": k, "v_out": v}
+                else:
+                    B = rows // group
+                    mask = np.ones((B, S), np.int32)
+                    mask[:, S - max(1, S // 10):] = 0
+                    inputs = {"q": rng.standard_normal((B, group, D), dtype=np.float32), "mask": mask,
+                              "k": rng.standard_normal((B, H, S, Dh), dtype=np.float32),
+                              "v": rng.standard_normal((B, H, S, Dh), dtype=np.float32)}
+                    outputs = {"out": np.zeros((B, group, D), np.float32)}
+                binding = bind(sess, inputs, outputs)
+                runs.append(lambda sess=sess, binding=binding: sess.run_with_iobinding(binding))
+            times = best_us(runs, args.repeats)
+            label = kind if group == 1 else f"{kind}, {group} per source"
+            print(f"| {label} | {rows} | {times[0]:.1f} | {times[1]:.1f} | {times[0] / times[1]:.2f}× |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
