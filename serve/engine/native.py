@@ -51,39 +51,41 @@ def _attributes(node: NodeProto) -> dict[str, object]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _slot_self_attention(node: NodeProto, ranks: dict[str, int]) -> list[str] | None:
+def _slot_self_attention(node: NodeProto, caches: set[str]) -> list[str] | None:
     """The inputs of nmt.SlotAttention for a GroupQueryAttention node of the slot decoder's form."""
     ins, attrs = list(node.input), _attributes(node)
     plain = {"num_heads", "kv_num_heads", "scale"}
     if (len(ins) != 7 or ins[1] or ins[2] or len(node.output) != 3
             or set(attrs) - plain or attrs.get("num_heads") != attrs.get("kv_num_heads")
-            or attrs.get("scale") != 1.0 or ranks.get(ins[3]) != 4 or ranks.get(ins[4]) != 4):
+            or attrs.get("scale") != 1.0 or not {ins[3], ins[4]} <= caches):
         return None
     return [ins[0], ins[3], ins[4], ins[5]]  # qkv, past key, past value, seqlens_k
 
 
-def _cross_attention(node: NodeProto, ranks: dict[str, int]) -> list[str] | None:
+def _cross_attention(node: NodeProto, caches: set[str]) -> list[str] | None:
     """The inputs of nmt.CrossAttention for a MultiHeadAttention node on (B, H, S, Dh) cross K/V."""
     ins, attrs = list(node.input), _attributes(node)
     if (len(ins) != 5 or ins[3] or not ins[4] or len(node.output) != 1
             or set(attrs) - {"num_heads", "scale"} or attrs.get("scale") != 1.0
-            or ranks.get(ins[1]) != 4 or ranks.get(ins[2]) != 4):
+            or not {ins[1], ins[2]} <= caches):
         return None
     return [ins[0], ins[1], ins[2], ins[4]]  # query, key, value, key_padding_mask (int32)
 
 
 def rewrite(model: ModelProto) -> int:
     """Point the slot decoder's attention nodes at the "nmt" ops, in place; returns how many."""
-    from onnx import helper
+    from onnx import TensorProto, helper
     graph = model.graph
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in graph.input}  # the caches, the cross K/V
+    # The graph inputs our kernels can take as K/V: 4-D float32 (an fp16 cache stays on ORT's kernels).
+    caches = {v.name for v in graph.input
+              if len(v.type.tensor_type.shape.dim) == 4 and v.type.tensor_type.elem_type == TensorProto.FLOAT}
     count = 0
     for node in graph.node:
         if node.domain != MS:
             continue
         form = {"GroupQueryAttention": ("SlotAttention", _slot_self_attention),
                 "MultiHeadAttention": ("CrossAttention", _cross_attention)}.get(node.op_type)
-        inputs = form[1](node, ranks) if form else None
+        inputs = form[1](node, caches) if form else None
         if form is None or inputs is None:
             continue
         node.op_type, node.domain = form[0], DOMAIN

@@ -115,18 +115,22 @@ def test_the_slot_decoder_is_rewritten_and_other_forms_are_left_alone(built, tin
     assert ("nmt", "SlotAttention") in ops and ("nmt", "CrossAttention") in ops
     assert not any("Attention" in op for domain, op in ops if domain == "com.microsoft")
     assert any(o.domain == native.DOMAIN for o in model.opset_import)
-    # A scale other than 1 (the exporter folds it into the query projection) is not our op's form.
-    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "k", "v", "lengths", "total"],
-                            ["o", "k2", "v2"], domain="com.microsoft", num_heads=2, kv_num_heads=2, scale=0.5)
-    cache = [None, 2, None, 16]
-    inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [None, 1, 96]),
-              helper.make_tensor_value_info("k", TensorProto.FLOAT, cache),
-              helper.make_tensor_value_info("v", TensorProto.FLOAT, cache),
-              helper.make_tensor_value_info("lengths", TensorProto.INT32, [None]),
-              helper.make_tensor_value_info("total", TensorProto.INT32, [1])]
-    output = helper.make_tensor_value_info("o", TensorProto.FLOAT, None)
-    graph = helper.make_graph([node], "g", inputs, [output])
-    assert native.rewrite(helper.make_model(graph)) == 0
+    # Forms our kernels do not take stay as they are: a scale other than 1 (the exporter folds it into the
+    # query projection), a float16 cache.
+    def one_node(scale: float, dtype: int) -> onnx.ModelProto:
+        node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "k", "v", "lengths", "total"],
+                                ["o", "k2", "v2"], domain="com.microsoft", num_heads=2, kv_num_heads=2, scale=scale)
+        cache = [None, 2, None, 16]
+        inputs = [helper.make_tensor_value_info("qkv", dtype, [None, 1, 96]),
+                  helper.make_tensor_value_info("k", dtype, cache), helper.make_tensor_value_info("v", dtype, cache),
+                  helper.make_tensor_value_info("lengths", TensorProto.INT32, [None]),
+                  helper.make_tensor_value_info("total", TensorProto.INT32, [1])]
+        output = helper.make_tensor_value_info("o", dtype, None)
+        return helper.make_model(helper.make_graph([node], "g", inputs, [output]))
+
+    assert native.rewrite(one_node(1.0, TensorProto.FLOAT)) == 1
+    assert native.rewrite(one_node(0.5, TensorProto.FLOAT)) == 0
+    assert native.rewrite(one_node(1.0, TensorProto.FLOAT16)) == 0
 
 
 @pytest.fixture(scope="module")
