@@ -119,10 +119,12 @@ def test_the_slot_decoder_is_rewritten_and_other_forms_are_left_alone(built, tin
     # query projection), a float16 cache.
     def one_node(scale: float, dtype: int) -> onnx.ModelProto:
         node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "k", "v", "lengths", "total"],
-                                ["o", "k2", "v2"], domain="com.microsoft", num_heads=2, kv_num_heads=2, scale=scale)
+                                ["o", "k2", "v2"], domain="com.microsoft", num_heads=2, kv_num_heads=2,
+                                scale=scale)
         cache = [None, 2, None, 16]
         inputs = [helper.make_tensor_value_info("qkv", dtype, [None, 1, 96]),
-                  helper.make_tensor_value_info("k", dtype, cache), helper.make_tensor_value_info("v", dtype, cache),
+                  helper.make_tensor_value_info("k", dtype, cache),
+                  helper.make_tensor_value_info("v", dtype, cache),
                   helper.make_tensor_value_info("lengths", TensorProto.INT32, [None]),
                   helper.make_tensor_value_info("total", TensorProto.INT32, [1])]
         output = helper.make_tensor_value_info("o", dtype, None)
