@@ -28,7 +28,7 @@ help:
 
 # torch first: users' pip picks the right build for their machine (CUDA on Linux with a GPU), and a
 # local CPU wheel where one is configured; the project's `torch==2.13.0` pin is then already met.
-$(STAMP): pyproject.toml serve/engine/csrc/nmt_ops.c
+$(STAMP): pyproject.toml $(wildcard serve/engine/csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install 'torch==2.13.0'
 	$(BIN)/python -m pip install -e '.[train,dev,bench,marian]'

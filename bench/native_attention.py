@@ -1,12 +1,14 @@
-"""ONNX Runtime's attention ops against serve.engine.native's compiled ones, alone, on slot-decoder shapes.
+"""ONNX Runtime's ops against serve.engine.native's compiled ones, alone, on slot-decoder shapes.
 
     python -m bench.native_attention [--threads 1] [--heads 4] [--head-dim 64] [--cached 15] [--source 20]
+                                     [--vocab 8000] [-k 8]
 
 Per row count, on the same inputs, runs interleaved, best of --repeats:
   * self: GroupQueryAttention against nmt.SlotAttention, one new token per row over --cached tokens,
     the caches bound in place as the slot cache binds them;
   * cross: MultiHeadAttention against nmt.CrossAttention over --source tokens (a tenth of them padding),
-    one query per source row, and four (a source's beams) in the `4 per source` rows.
+    one query per source row, and four (a source's beams) in the `4 per source` rows;
+  * top-k: ONNX TopK against nmt.ConditionalTopK, the k best of each row of --vocab log-probs.
 The engine-level effect is `python -m bench.levers --variant stock=B:stock --variant native=B`.
 """
 
@@ -74,6 +76,28 @@ def cross_attention(custom: bool, heads: int, head_dim: int, threads: int = 1) -
     return session(node, ins, ["out"], custom, threads)
 
 
+def top_k(custom: bool, min_k: int = 3, threads: int = 1) -> ort.InferenceSession:
+    """nmt.ConditionalTopK (inputs x, top_k; outputs values, ids; a (1, 1) placeholder for top_k < min_k),
+    or ONNX TopK."""
+    ins = [helper.make_tensor_value_info("x", FLOAT, [None, None]),
+           helper.make_tensor_value_info("top_k", TensorProto.INT64, [1])]
+    outs = ["values", "ids"]
+    if custom:
+        node = helper.make_node("ConditionalTopK", ["x", "top_k"], outs, domain=native.DOMAIN, min_k=min_k)
+    else:
+        node = helper.make_node("TopK", ["x", "top_k"], outs, axis=-1)
+    results = [helper.make_tensor_value_info("values", FLOAT, None),
+               helper.make_tensor_value_info("ids", TensorProto.INT64, None)]
+    graph = helper.make_graph([node], node.op_type, ins, results)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if custom:
+        native.register(options)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def bind(sess: ort.InferenceSession, inputs: dict[str, np.ndarray],
          outputs: dict[str, np.ndarray]) -> ort.IOBinding:
     """Every array bound once; an output bound to an input's array is written in place."""
@@ -106,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cached", type=int, default=15, help="tokens in each row's self-attention cache")
     p.add_argument("--source", type=int, default=20, help="source tokens of each cross-attention row")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    p.add_argument("--vocab", type=int, default=8000, help="row length of the top-k (the vocabulary)")
+    p.add_argument("-k", type=int, default=8, help="the top-k's k (beam 4 asks for 8)")
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args(argv)
     if native.library_path() is None:
@@ -117,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     pairs = {kind: [make(custom, H, Dh, args.threads) for custom in (False, True)]
              for kind, make in (("self", self_attention), ("cross", cross_attention))}
+    pairs["top-k"] = [top_k(custom, threads=args.threads) for custom in (False, True)]
     print(f"threads {args.threads}, {H} heads x {Dh}, {args.cached} cached tokens, {S} source tokens; "
           f"best of {args.repeats}; load average before {os.getloadavg()[0]:.2f}")
     print("| kernel | rows | ONNX Runtime µs | nmt µs | speed-up |")
     print("|---|---|---|---|---|")
     for rows in args.rows:
-        for kind, group in (("self", 1), ("cross", 1), ("cross", 4)):
+        for kind, group in (("self", 1), ("cross", 1), ("cross", 4), ("top-k", 1)):
             if rows % group:
                 continue
             runs = []
@@ -135,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
                     if not custom:
                         inputs["total"] = np.array([args.cached + 1], np.int32)
                     outputs = {"out": np.zeros((rows, 1, D), np.float32), "k_out": k, "v_out": v}
+                elif kind == "top-k":
+                    x = rng.standard_normal((rows, args.vocab), dtype=np.float32)
+                    inputs = {"x": x, "top_k": np.array([args.k], np.int64)}
+                    outputs = {"values": np.zeros((rows, args.k), np.float32),
+                               "ids": np.zeros((rows, args.k), np.int64)}
                 else:
                     B = rows // group
                     mask = np.ones((B, S), np.int32)
@@ -146,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 binding = bind(sess, inputs, outputs)
                 runs.append(lambda sess=sess, binding=binding: sess.run_with_iobinding(binding))
             times = best_us(runs, args.repeats)
-            label = kind if group == 1 else f"{kind}, {group} per source"
+            label = {1: kind, 4: f"{kind}, 4 per source"}[group]
+            label = f"top-{args.k} of {args.vocab}" if kind == "top-k" else label
             print(f"| {label} | {rows} | {times[0]:.1f} | {times[1]:.1f} | {times[0] / times[1]:.2f}× |")
     return 0
 

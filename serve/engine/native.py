@@ -1,20 +1,22 @@
-"""The slot decoder's attention on our compiled kernels (serve/engine/csrc/nmt_ops.c), on CPU.
+"""The slot decoder's attention and top-k on our compiled kernels (serve/engine/csrc/nmt_ops.c), on CPU.
 
 At 1 thread ONNX Runtime's CPU GroupQueryAttention and MultiHeadAttention take a third of an int8
 slot-decoder step at 32-64 rows (bench/results/attention-share.md): per (row, head) they make two GEMM
 calls and a softmax pass for a single query. The library `serve.engine._nmt_ops` (built with the
-package; a C compiler is needed at install, see pyproject.toml) registers two ops in the domain
-"nmt" that do the same arithmetic in one pass per (row, head):
+package; a C compiler is needed at install, see pyproject.toml) registers ops in the domain "nmt"
+that do the same arithmetic in one pass per (row, head), and one for the top-k:
   * nmt.SlotAttention(qkv, past_key, past_value, seqlens_k): the slot decoder's GroupQueryAttention
     (as many K/V heads as query heads, scale 1, one token per row, the cache written in place);
   * nmt.CrossAttention(query, key, value, key_padding_mask): its cross-attention MultiHeadAttention
-    (scale 1, K/V in (B, H, S, Dh), an int32 (B, S) mask).
+    (scale 1, K/V in (B, H, S, Dh), an int32 (B, S) mask);
+  * nmt.ConditionalTopK(log_probs, top_k): its If (top_k > 2: TopK of the log-probs, else a (1, 1)
+    placeholder; nmt.bundle.SLOT_HOST_ARGMAX), in one op; the TopK's results exactly.
 `accelerated` rewrites a slot decoder's nodes of exactly those forms to these ops, in memory: the
 bundle on disk is unchanged, and a node of any other form stays as it is. Without the library (no
 compiler at install) or with EngineConfig(native_attention=False) the graph runs as exported.
 
-The results equal ONNX Runtime's to float rounding (another summation order and exp; the tests
-compare them within 1e-5, and the engine's tokens with and without).
+The attention results equal ONNX Runtime's to float rounding (another summation order and exp; the
+tests compare them within 1e-5, and the engine's tokens with and without); the top-k's are the same.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING
 import onnxruntime as ort
 
 if TYPE_CHECKING:  # onnx is imported only where a graph is rewritten (`accelerated`)
-    from onnx import ModelProto, NodeProto
+    from onnx import GraphProto, ModelProto, NodeProto
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,43 @@ def _cross_attention(node: NodeProto, caches: set[str]) -> list[str] | None:
     return [ins[0], ins[1], ins[2], ins[4]]  # query, key, value, key_padding_mask (int32)
 
 
+def _conditional_top_k(graph: GraphProto) -> int:
+    """Replace the slot decoder's conditional TopK (an If on top_k > threshold: TopK of the log-probs,
+    else a (1, 1) placeholder; nmt.bundle.SLOT_HOST_ARGMAX) by nmt.ConditionalTopK; 1 if it did, else 0."""
+    from onnx import helper, numpy_helper
+    made = {o: n for n in graph.node for o in n.output}
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "If" or node.domain or len(node.output) != 2:
+            continue
+        branches = {a.name: a.g for a in node.attribute}
+        then, otherwise = branches.get("then_branch"), branches.get("else_branch")
+        if then is None or otherwise is None or len(then.node) != 1 or then.node[0].op_type != "TopK":
+            continue
+        top_k = then.node[0]
+        if {a.name: helper.get_attribute_value(a) for a in top_k.attribute} != {"axis": -1}:
+            continue  # largest and sorted at their defaults (1): any other setting is not our op's
+        greater = made.get(node.input[0])
+        if greater is None or greater.op_type != "Greater" or greater.input[0] != top_k.input[1]:
+            continue
+        threshold = consts.get(greater.input[1])
+        if threshold is None or threshold.size != 1 or any(n.op_type != "Constant" for n in otherwise.node):
+            continue
+        fused = helper.make_node("ConditionalTopK", list(top_k.input), list(node.output), domain=DOMAIN,
+                                 min_k=int(threshold.reshape(-1)[0]) + 1)
+        users = [i for n in graph.node if n is not greater and n is not node for i in n.input]
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(at, fused)
+        if greater.output[0] not in users:
+            graph.node.remove(greater)
+        return 1
+    return 0
+
+
 def rewrite(model: ModelProto) -> int:
-    """Point the slot decoder's attention nodes at the "nmt" ops, in place; returns how many."""
+    """Point the slot decoder's attention nodes, and its conditional top-k, at the "nmt" ops, in place;
+    returns how many nodes now run on them."""
     from onnx import TensorProto, helper
     graph = model.graph
     # The graph inputs our kernels can take as K/V: 4-D float32 (an fp16 cache stays on ORT's kernels).
@@ -93,6 +130,8 @@ def rewrite(model: ModelProto) -> int:
         node.input.extend(inputs)
         del node.attribute[:]
         count += 1
+    if count:  # the top-k on our kernel too: only in graphs whose attention already is
+        count += _conditional_top_k(graph)
     if count and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return count
@@ -105,7 +144,11 @@ def accelerated(path: Path) -> bytes | None:
     if library_path() is None:
         log.info("serve.engine._nmt_ops is not built: the slot decoder runs ONNX Runtime's attention")
         return None
-    import onnx  # only here: a server without the library never loads it
+    try:  # only here: a server without the library never loads it
+        import onnx
+    except ImportError:  # a base install has it; an environment without it runs the graph as exported
+        log.info("onnx is not installed: the slot decoder runs ONNX Runtime's attention")
+        return None
     model = onnx.load(str(path))
     return model.SerializeToString() if rewrite(model) else None
 

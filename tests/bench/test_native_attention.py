@@ -14,12 +14,14 @@ from serve.engine import native
 def test_table_has_a_row_per_kernel_and_row_count(capsys):
     if native.library_path() is None:
         pytest.skip("serve.engine._nmt_ops is not built")
-    args = ["--rows", "1", "4", "--repeats", "1", "--cached", "3", "--source", "5"]
+    args = ["--rows", "1", "4", "--repeats", "1", "--cached", "3", "--source", "5",
+            "--vocab", "50", "-k", "3"]
     assert native_attention.main(args) == 0
     printed = capsys.readouterr().out
-    rows = re.findall(r"^\| ([a-z ,0-9]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+× \|$", printed, re.M)
+    rows = re.findall(r"^\| ([a-z ,0-9-]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+× \|$", printed, re.M)
     assert [(kind, n) for kind, n, _, _ in rows] == [
-        ("self", "1"), ("cross", "1"), ("self", "4"), ("cross", "4"), ("cross, 4 per source", "4")]
+        ("self", "1"), ("cross", "1"), ("top-3 of 50", "1"),
+        ("self", "4"), ("cross", "4"), ("cross, 4 per source", "4"), ("top-3 of 50", "4")]
     assert all(float(stock) > 0 and float(ours) > 0 for _, _, stock, ours in rows)
 
 

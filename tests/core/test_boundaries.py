@@ -14,7 +14,9 @@ import textwrap
 
 from conftest import REPO
 
-# A finder that refuses the training-only packages, as in an install without the `train` extra.
+# A finder that refuses the training-only packages, as in an install without the `train` extra, and onnx:
+# serving uses it only to rewrite the slot decoder for the compiled kernels (serve.engine.native), and
+# without it the engine must still run (on the graph as exported).
 BLOCK = textwrap.dedent("""
     import importlib.abc, sys
     class NoTraining(importlib.abc.MetaPathFinder):

@@ -15,7 +15,7 @@ import pytest
 from conftest import read_lines
 from onnx import TensorProto, helper
 
-from bench.native_attention import bind, cross_attention, self_attention
+from bench.native_attention import bind, cross_attention, self_attention, top_k
 from nmt import bundle as fmt
 from nmt.decoding import DecodeOptions
 from serve.engine import native
@@ -95,6 +95,24 @@ def test_cross_attention_is_multi_head_attention(built, sources, group, heads, s
     np.testing.assert_allclose(got[~live], want[~live], atol=2e-3)
 
 
+@pytest.mark.parametrize("rows,vocab,k", [(1, 500, 3), (4, 8000, 8), (64, 8000, 2), (3, 37, 37), (5, 40, 9)],
+                         ids=["greedy-one-row", "beam", "placeholder", "whole-row", "short-row"])
+def test_conditional_top_k_is_top_k(built, rows, vocab, k):
+    """The slot decoder's conditional TopK (k >= min_k, else a (1, 1) placeholder), with ties: equal
+    values come lower id first, as ONNX TopK orders them."""
+    rng = np.random.default_rng(vocab)
+    x = rng.standard_normal((rows, vocab), dtype=np.float32)
+    x[:, 5:9] = x[:, 20:24] = 3.0  # ties among the best
+    feeds = {"x": x, "top_k": np.array([k], np.int64)}
+    values, ids = top_k(custom=True, min_k=3).run(None, feeds)
+    if k < 3:
+        assert values.shape == ids.shape == (1, 1)
+        return
+    want_values, want_ids = top_k(custom=False).run(None, feeds)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(values, want_values)
+
+
 def test_bad_inputs_are_errors_not_crashes(built):
     ours = self_attention(True, heads=2, head_dim=16)
     cache = np.zeros((2, 2, 4, 16), np.float32)
@@ -110,10 +128,11 @@ def test_bad_inputs_are_errors_not_crashes(built):
 def test_the_slot_decoder_is_rewritten_and_other_forms_are_left_alone(built, tiny_bundle):
     model = onnx.load(str(tiny_bundle / fmt.DECODER_SLOTS_FILE))
     layers = sum(1 for n in model.graph.node if n.op_type == "GroupQueryAttention")
-    assert native.rewrite(model) == 2 * layers
+    assert native.rewrite(model) == 2 * layers + 1  # + the conditional top-k
     ops = {(n.domain, n.op_type) for n in model.graph.node}
-    assert ("nmt", "SlotAttention") in ops and ("nmt", "CrossAttention") in ops
+    assert {("nmt", "SlotAttention"), ("nmt", "CrossAttention"), ("nmt", "ConditionalTopK")} <= ops
     assert not any("Attention" in op for domain, op in ops if domain == "com.microsoft")
+    assert not {("", "If"), ("", "Greater")} & ops and ("", "LogSoftmax") in ops
     assert any(o.domain == native.DOMAIN for o in model.opset_import)
     # Forms our kernels do not take stay as they are: a scale other than 1 (the exporter folds it into the
     # query projection), a float16 cache.
