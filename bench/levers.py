@@ -58,7 +58,7 @@ def load_variant(spec: str, threads: int) -> Variant:
     manifest = read_manifest(path)
     spinning = None if "spin" in flags else False
     runtime = Runtime(Path(path), manifest, "cpu", threads, None, "all", allow_spinning=spinning,
-                      slot_cache="concat" not in flags, native_attention="stock" not in flags)
+                      slot_cache="concat" not in flags, native_kernels="stock" not in flags)
     runtime.grouped_cross = runtime.grouped_cross and "expand" not in flags
     if "whole" in flags:
         runtime.slot_parts = None

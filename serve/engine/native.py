@@ -13,7 +13,7 @@ that do the same arithmetic in one pass per (row, head), and one for the top-k:
     placeholder; nmt.bundle.SLOT_HOST_ARGMAX), in one op; the TopK's results exactly.
 `accelerated` rewrites a slot decoder's nodes of exactly those forms to these ops, in memory: the
 bundle on disk is unchanged, and a node of any other form stays as it is. Without the library (no
-compiler at install) or with EngineConfig(native_attention=False) the graph runs as exported.
+compiler at install) or with EngineConfig(native_kernels=False) the graph runs as exported.
 
 The attention results equal ONNX Runtime's to float rounding (another summation order and exp; the
 tests compare them within 1e-5, and the engine's tokens with and without); the top-k's are the same.

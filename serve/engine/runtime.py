@@ -10,7 +10,9 @@ Only each step's top-k values and indices are bound to host memory.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -27,6 +29,8 @@ from nmt.bundle import BundleError, Manifest
 from nmt.errors import UserError
 from serve.engine import native
 from serve.engine.slots import SlotCache
+
+log = logging.getLogger(__name__)
 
 GRAPH_OPTIMIZATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -160,13 +164,26 @@ class Graph:
         return {n: v for n, v in zip(names, binding.get_outputs()) if n not in (bound or {})}
 
 
+def slot_graphs(path: Path, names: list[str], device: Device, threads: int | None,
+                inter_op_threads: int | None, optimization: str, spinning: bool | None, parts: bool,
+                model: bytes | None) -> tuple[Graph, Graph | None]:
+    """The slot decoder on `threads` threads and (parts) on one thread, for steps split by rows;
+    model: the graph rewritten for serve.engine.native's kernels, registered in both sessions."""
+    def load(n: int | None) -> Graph:
+        options = session_options(n, inter_op_threads, optimization, spinning)
+        if model is not None:
+            native.register(options)
+        return Graph(path, options, device, names, model)
+    return load(threads), load(1) if parts else None
+
+
 class Runtime:
     """The bundle's three graphs on one device, plus the decoder-step counter."""
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, device: str = "auto",
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  graph_optimization: str = "all", allow_spinning: bool | None = False,
-                 slot_cache: bool = True, native_attention: bool = True):
+                 slot_cache: bool = True, native_kernels: bool = True):
         options = session_options(intra_op_threads, inter_op_threads, graph_optimization, allow_spinning)
         wanted = requested_device(device)
         self.device = wanted or (Device("cuda") if cuda_driver_present() else Device("cpu"))
@@ -185,23 +202,26 @@ class Runtime:
         # The slot decoder (serve.engine.slots) on CPU, when the bundle has it and it is not turned off.
         self.slot_decoder: Graph | None = None
         self.slot_parts: Graph | None = None  # the same graph on one thread, for steps split by rows
-        self.native_attention = False  # the slot decoder's attention runs on serve.engine.native's kernels
+        self.native_kernels = False  # the slot decoder runs on serve.engine.native's kernels
         self.copy_threads = intra_op_threads or os.cpu_count() or 1  # host threads: see copy_pool below
         if slot_cache and self.device.type == "cpu" and fmt.SLOT_CACHE in manifest.optimizations:
             path, names = bundle_dir / fmt.DECODER_SLOTS_FILE, fmt.slot_decoder_input_names(n)
-            # Its attention on our compiled kernels when they are built (serve.engine.native).
-            model = native.accelerated(path) if native_attention else None
-            slot_options = session_options(intra_op_threads, inter_op_threads, graph_optimization,
-                                           allow_spinning)
-            if model is not None:
-                native.register(slot_options)
-            self.native_attention = model is not None
-            self.slot_decoder = Graph(path, slot_options, self.device, names, model)
-            if self.copy_threads > 1:
-                single = session_options(1, inter_op_threads, graph_optimization, allow_spinning)
-                if model is not None:
-                    native.register(single)
-                self.slot_parts = Graph(path, single, self.device, names, model)
+            # On our compiled kernels when they are built (serve.engine.native); should that graph fail to
+            # load (a library that does not fit this ONNX Runtime), the graph as exported.
+            model = native.accelerated(path) if native_kernels else None
+            parts = self.copy_threads > 1
+            load = functools.partial(slot_graphs, path, names, self.device, intra_op_threads,
+                                     inter_op_threads, graph_optimization, allow_spinning, parts)
+            try:
+                self.slot_decoder, self.slot_parts = load(model)
+            except Exception as e:  # ONNX Runtime's own exception types
+                if model is None:
+                    raise
+                log.warning("the slot decoder on serve.engine.native's kernels did not load (%s); "
+                            "ONNX Runtime's kernels instead", e)
+                model = None
+                self.slot_decoder, self.slot_parts = load(None)
+            self.native_kernels = model is not None
         # Its greedy steps read log_probs and take the argmax on the host (serve.engine.slots.best_of).
         self.slot_host_argmax = fmt.SLOT_HOST_ARGMAX in manifest.optimizations
         self.vocab_size = manifest.vocab_size  # the log_probs width: the slot decoder's, when it has one

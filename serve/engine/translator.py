@@ -52,7 +52,7 @@ class EngineConfig:
     compaction: bool = True  # drop finished rows from the running batch (off only to test that it is exact)
     alignment_layer: int = -1  # decoder layer whose head-averaged cross-attention gives alignments
     slot_cache: bool = True  # the bundle's slot decoder on CPU when it has one (off: to compare the two)
-    native_attention: bool = True  # its attention on serve.engine.native's kernels when built (off: ORT's)
+    native_kernels: bool = True  # its attention and top-k on serve.engine.native's kernels (off: ORT's)
     shards: bool = True  # big batches searched as shards side by side on the CPU threads (off: to compare)
 
     def errors(self, n_decoder_layers: int) -> list[str]:
@@ -88,7 +88,7 @@ class Translator:
         manifest = read_manifest(path)
         c = config
         runtime = Runtime(path, manifest, c.device, c.intra_op_threads, c.inter_op_threads,
-                          c.graph_optimization, slot_cache=c.slot_cache, native_attention=c.native_attention)
+                          c.graph_optimization, slot_cache=c.slot_cache, native_kernels=c.native_kernels)
         # Our own tokenizer.model, or the source/target pair the manifest names (imported models).
         translator = cls(runtime, manifest, load_bundle_tokenizer(path, manifest.raw), config)
         if c.warmup:

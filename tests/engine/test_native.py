@@ -1,6 +1,6 @@
 """The slot decoder's attention on our compiled kernels (serve.engine.native) against ONNX Runtime's.
 
-Each op runs beside the com.microsoft op it replaces (one-node graphs from bench.native_attention) on
+Each op runs beside the com.microsoft op it replaces (one-node graphs from bench.native_kernels) on
 the same inputs: outputs equal to float rounding, caches bit for bit. The rewrite is checked on a real
 slot decoder, and the engine must decide exactly as with ONNX Runtime's kernels.
 """
@@ -15,7 +15,7 @@ import pytest
 from conftest import read_lines
 from onnx import TensorProto, helper
 
-from bench.native_attention import bind, cross_attention, self_attention, top_k
+from bench.native_kernels import bind, cross_attention, self_attention, top_k
 from nmt import bundle as fmt
 from nmt.decoding import DecodeOptions
 from serve.engine import native
@@ -156,14 +156,14 @@ def test_the_slot_decoder_is_rewritten_and_other_forms_are_left_alone(built, tin
 
 @pytest.fixture(scope="module")
 def stock(tiny_bundle) -> Translator:
-    config = EngineConfig(device="cpu", intra_op_threads=1, native_attention=False)
+    config = EngineConfig(device="cpu", intra_op_threads=1, native_kernels=False)
     return Translator.from_bundle(tiny_bundle, config)
 
 
 @pytest.mark.parametrize("opts", [DecodeOptions(), DecodeOptions(beam_size=4, n_best=2)],
                          ids=["greedy", "beam4"])
 def test_the_engine_decides_as_with_onnx_runtimes_kernels(built, translator, stock, opts):
-    assert translator.runtime.native_attention and not stock.runtime.native_attention
+    assert translator.runtime.native_kernels and not stock.runtime.native_kernels
     sources = translator.tokenize(read_lines("test_2016_flickr", "en", 40))
     got = translator.translate_ids(sources, opts, max_batch_tokens=100_000)
     want = stock.translate_ids(sources, opts, max_batch_tokens=100_000)
@@ -175,5 +175,15 @@ def test_the_engine_decides_as_with_onnx_runtimes_kernels(built, translator, sto
 def test_without_the_library_the_graph_runs_as_exported(tiny_bundle, monkeypatch):
     monkeypatch.setattr(native, "library_path", lambda: None)
     engine = Translator.from_bundle(tiny_bundle, EngineConfig(device="cpu", intra_op_threads=1, warmup=False))
-    assert engine.runtime.slot_decoder is not None and not engine.runtime.native_attention
+    assert engine.runtime.slot_decoder is not None and not engine.runtime.native_kernels
+    assert engine.translate(["A man is riding a bike."])[0].text
+
+
+def test_a_library_that_does_not_load_leaves_the_graph_as_exported(built, tiny_bundle, monkeypatch, caplog):
+    def refuse(options):
+        raise RuntimeError("RegisterCustomOps failed")
+    monkeypatch.setattr(native, "register", refuse)
+    engine = Translator.from_bundle(tiny_bundle, EngineConfig(device="cpu", intra_op_threads=2, warmup=False))
+    assert engine.runtime.slot_parts is not None and not engine.runtime.native_kernels
+    assert "ONNX Runtime's kernels instead" in caplog.text
     assert engine.translate(["A man is riding a bike."])[0].text

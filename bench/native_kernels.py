@@ -1,6 +1,6 @@
 """ONNX Runtime's ops against serve.engine.native's compiled ones, alone, on slot-decoder shapes.
 
-    python -m bench.native_attention [--threads 1] [--heads 4] [--head-dim 64] [--cached 15] [--source 20]
+    python -m bench.native_kernels [--threads 1] [--heads 4] [--head-dim 64] [--cached 15] [--source 20]
                                      [--vocab 8000] [-k 8]
 
 Per row count, on the same inputs, runs interleaved, best of --repeats:
@@ -123,7 +123,7 @@ def best_us(runs: list, repeats: int, calls: int = 100) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.native_attention", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.native_kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args(argv)
     if native.library_path() is None:
-        print("bench.native_attention: serve.engine._nmt_ops is not built (no C compiler at install)",
+        print("bench.native_kernels: serve.engine._nmt_ops is not built (no C compiler at install)",
               file=sys.stderr)
         return 2
     H, Dh, S = args.heads, args.head_dim, args.source

@@ -1,4 +1,4 @@
-"""bench/native_attention.py: a row per kernel and row count with both timings, and one readable line
+"""bench/native_kernels.py: a row per kernel and row count with both timings, and one readable line
 and exit 2 where the library is not built."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from bench import native_attention
+from bench import native_kernels
 from serve.engine import native
 
 
@@ -16,7 +16,7 @@ def test_table_has_a_row_per_kernel_and_row_count(capsys):
         pytest.skip("serve.engine._nmt_ops is not built")
     args = ["--rows", "1", "4", "--repeats", "1", "--cached", "3", "--source", "5",
             "--vocab", "50", "-k", "3"]
-    assert native_attention.main(args) == 0
+    assert native_kernels.main(args) == 0
     printed = capsys.readouterr().out
     rows = re.findall(r"^\| ([a-z ,0-9-]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+× \|$", printed, re.M)
     assert [(kind, n) for kind, n, _, _ in rows] == [
@@ -27,5 +27,5 @@ def test_table_has_a_row_per_kernel_and_row_count(capsys):
 
 def test_without_the_library_one_line_and_exit_2(capsys, monkeypatch):
     monkeypatch.setattr(native, "library_path", lambda: None)
-    assert native_attention.main([]) == 2
+    assert native_kernels.main([]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
