@@ -8,6 +8,9 @@ slot decoder, and the engine must decide exactly as with ONNX Runtime's kernels.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -187,3 +190,45 @@ def test_a_library_that_does_not_load_leaves_the_graph_as_exported(built, tiny_b
     assert engine.runtime.slot_parts is not None and not engine.runtime.native_kernels
     assert "ONNX Runtime's kernels instead" in caplog.text
     assert engine.translate(["A man is riding a bike."])[0].text
+
+
+PORTABLE = """
+import numpy as np
+from bench.native_kernels import bind, cross_attention, self_attention, top_k
+rng = np.random.default_rng(0)
+R, H, Dh, L, S = 6, 2, 32, 12, 9
+k, v = (rng.standard_normal((R, H, L, Dh), dtype=np.float32) for _ in range(2))
+qkv = rng.standard_normal((R, 1, 3 * H * Dh), dtype=np.float32)
+lengths = np.arange(R, dtype=np.int32)
+outs = []
+for custom in (False, True):
+    sess, kc, vc = self_attention(custom, H, Dh), k.copy(), v.copy()
+    feeds = {"qkv": qkv, "k": kc, "v": vc, "lengths": lengths}
+    if not custom:
+        feeds["total"] = np.array([R], np.int32)
+    out = np.zeros((R, 1, H * Dh), np.float32)
+    sess.run_with_iobinding(bind(sess, feeds, {"out": out, "k_out": kc, "v_out": vc}))
+    outs.append(out)
+print(float(np.abs(outs[0] - outs[1]).max()))
+feeds = {"q": rng.standard_normal((R, 2, H * Dh), dtype=np.float32), "mask": np.ones((R, S), np.int32),
+         "k": rng.standard_normal((R, H, S, Dh), dtype=np.float32),
+         "v": rng.standard_normal((R, H, S, Dh), dtype=np.float32)}
+feeds["mask"][:, 6:] = 0
+a, b = (cross_attention(custom, H, Dh).run(None, feeds)[0] for custom in (False, True))
+print(float(np.abs(a - b).max()))
+x = rng.standard_normal((R, 1000), dtype=np.float32)
+x[:, 10:14] = 4.0
+a, b = (top_k(custom).run(None, {"x": x, "top_k": np.array([8])}) for custom in (False, True))
+print(int((a[1] != b[1]).sum()), float(np.abs(a[0] - b[0]).max()))
+"""
+
+
+def test_the_portable_loops_match_too(built):
+    """The loops that run where the CPU has no AVX-512, forced on this one (NMT_NATIVE_PORTABLE)."""
+    env = {**os.environ, "NMT_NATIVE_PORTABLE": "1"}
+    out = subprocess.run([sys.executable, "-c", PORTABLE], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert out.returncode == 0, out.stderr
+    self_diff, cross_diff, top = out.stdout.split("\n")[:3]
+    assert float(self_diff) < 1e-5 and float(cross_diff) < 1e-5
+    assert top.split()[0] == "0" and float(top.split()[1]) == 0.0

@@ -1,4 +1,5 @@
-/* The kernels of nmt_ops.c's ops (see kernels.h), plain C with an AVX-512 path for the attention heads. */
+/* The kernels of nmt_ops.c's ops (see kernels.h): plain C, with AVX-512 paths for the attention heads
+ * and the top-k's scan where the CPU has it. */
 
 #include <math.h>
 #include <stdint.h>
@@ -29,7 +30,7 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 }
 
 /* exp(x) for x <= 0 (softmax after the max is subtracted), about 1 ulp: exp(x) = 2^n exp(r) with
- * |r| <= ln2/2 and a degree-6 polynomial for exp(r). Branch-free so a loop of it vectorizes; below
+ * |r| <= ln2/2 and exp(r) ~ 1 + r + r^2 p(r), p of degree 5. Branch-free so a loop of it vectorizes; below
  * -87 it returns exp(-87) ~ 1.6e-38, which adds nothing to a sum that holds a 1. */
 static inline float exp_nonpositive(float x) {
     x = x < -87.0f ? -87.0f : x;
@@ -151,7 +152,8 @@ static void head_avx512(const float *q, const float *K, const float *V, int64_t 
 
 static int cpu_has_avx512(void) {
     static int cpu = -1; /* a race here only computes the same answer twice */
-    if (cpu < 0) cpu = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    /* NMT_NATIVE_PORTABLE: the portable loops on any CPU (tests/engine/test_native.py runs them so) */
+    if (cpu < 0) cpu = __builtin_cpu_supports("avx512f") && !getenv("NMT_NATIVE_PORTABLE") ? 1 : 0;
     return cpu;
 }
 

@@ -219,6 +219,8 @@ static const OrtCustomOp TOP_K_OP = {
 __attribute__((visibility("default")))
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     const OrtApi *api = base->GetApi(API_VERSION);
+    if (!api) return NULL; /* an ONNX Runtime older than 1.16: no ops, the graph fails to load and the
+                              engine falls back to the graph as exported (serve.engine.runtime) */
     OrtCustomOpDomain *domain;
     CHECK(API(api, CREATE_CUSTOM_OP_DOMAIN, CreateDomainFn)("nmt", &domain));
     CHECK(API(api, CUSTOM_OP_DOMAIN_ADD, DomainAddFn)(domain, &SLOT_OP));
