@@ -138,16 +138,16 @@ def rewrite(model: ModelProto) -> int:
 
 
 def accelerated(path: Path) -> bytes | None:
-    """The slot decoder at `path` with its attention on the compiled kernels, serialized; None (the
-    graph runs as exported) without the library or a node to rewrite. Sessions of it need
+    """The slot decoder at `path` with its attention and top-k on the compiled kernels, serialized; None
+    (the graph runs as exported) without the library or a node to rewrite. Sessions of it need
     `register(options)`."""
     if library_path() is None:
-        log.info("serve.engine._nmt_ops is not built: the slot decoder runs ONNX Runtime's attention")
+        log.info("serve.engine._nmt_ops is not built: the slot decoder runs on ONNX Runtime's kernels")
         return None
     try:  # only here: a server without the library never loads it
         import onnx
     except ImportError:  # a base install has it; an environment without it runs the graph as exported
-        log.info("onnx is not installed: the slot decoder runs ONNX Runtime's attention")
+        log.info("onnx is not installed: the slot decoder runs on ONNX Runtime's kernels")
         return None
     model = onnx.load(str(path))
     return model.SerializeToString() if rewrite(model) else None
