@@ -56,7 +56,7 @@ static OrtStatus *tensor(const OrtApi *api, const OrtValue *value, void **data, 
     OrtTensorTypeAndShapeInfo *info;
     CHECK(API(api, GET_TENSOR_TYPE_AND_SHAPE, TypeAndShapeFn)(value, &info));
     OrtStatus *status = API(api, GET_DIMENSIONS_COUNT, DimsCountFn)(info, rank);
-    if (!status && *rank > 4) status = fail(api, "nmt attention: a tensor of more than 4 dimensions");
+    if (!status && *rank > 4) status = fail(api, "nmt ops: a tensor of more than 4 dimensions");
     if (!status) status = API(api, GET_DIMENSIONS, DimsFn)(info, dims, *rank);
     API(api, RELEASE_TENSOR_TYPE_AND_SHAPE_INFO, ReleaseInfoFn)(info);
     if (status) return status;
@@ -70,7 +70,7 @@ static OrtStatus *input(const OrtApi *api, OrtKernelContext *ctx, size_t i, size
     size_t got;
     CHECK(API(api, KERNEL_CONTEXT_GET_INPUT, GetInputFn)(ctx, i, &value));
     CHECK(tensor(api, value, data, dims, &got));
-    return got == rank ? NULL : fail(api, "nmt attention: an input of the wrong rank");
+    return got == rank ? NULL : fail(api, "nmt ops: an input of the wrong rank");
 }
 
 static OrtStatus *output(const OrtApi *api, OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t rank,
