@@ -16,7 +16,7 @@ A variant is NAME=BUNDLE[:flag,...]; flags switch one engine lever off or on for
   concat    the concatenating decoder instead of the bundle's slot decoder (as before slot_cache)
   whole     every slot decoder step runs whole on the session's threads (as before row parts and shards)
   unsharded a batch is searched whole, its steps split by rows (as before shards)
-  stock     the slot decoder's attention on ONNX Runtime's kernels, not serve.engine.native's
+  stock     the slot decoder's attention and top-k on ONNX Runtime's kernels, not serve.engine.native's
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ RUN pip install -r /tmp/requirements-serve.txt
 
 # Only what serving needs: the torch-free core (nmt/) and serve/. Training, export, the benchmarks and the
 # stress harness (bench/), tests, scripts and docs stay out of the image.
-# A C compiler for the slot decoder's attention kernels (serve/engine/csrc, built by the install below);
+# A C compiler for the slot decoder's kernels (serve/engine/csrc, built by the install below);
 # only the built library goes on to the runtime stage.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
@@ -71,7 +71,7 @@ COPY nmt ./nmt
 COPY serve ./serve
 # --no-deps: everything is pinned above, so the project cannot pull in an unpinned (or torch) package.
 RUN pip install --no-deps . && pip check && ! pip show torch >/dev/null 2>&1 \
-    && cd / && python -c "from serve.engine.native import library_path; assert library_path(), 'attention kernels not built'"
+    && cd / && python -c "from serve.engine.native import library_path; assert library_path(), 'serve/engine/csrc not built'"
 
 # ---------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE}
