@@ -15,25 +15,29 @@ The engine-level effect is `python -m bench.levers --variant stock=B:stock --var
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from bench.worker import turned
 from serve.engine import native
 
 FLOAT, INT32 = TensorProto.FLOAT, TensorProto.INT32
 
 
 def session(node: onnx.NodeProto, inputs: list[onnx.ValueInfoProto], outputs: list[str], custom: bool,
-            threads: int = 1) -> ort.InferenceSession:
-    """A one-node graph on the CPU; custom: the "nmt" ops registered."""
-    graph = helper.make_graph([node], node.op_type, inputs,
-                              [helper.make_tensor_value_info(o, FLOAT, None) for o in outputs])
+            threads: int = 1, types: dict[str, int] | None = None) -> ort.InferenceSession:
+    """A one-node graph on the CPU; outputs are float unless `types` says otherwise; custom: the "nmt"
+    ops registered."""
+    results = [helper.make_tensor_value_info(o, (types or {}).get(o, FLOAT), None) for o in outputs]
+    graph = helper.make_graph([node], node.op_type, inputs, results)
     opsets = [helper.make_opsetid(d, v) for d, v in (("", 17), ("com.microsoft", 1), (native.DOMAIN, 1))]
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -86,16 +90,7 @@ def top_k(custom: bool, min_k: int = 3, threads: int = 1) -> ort.InferenceSessio
         node = helper.make_node("ConditionalTopK", ["x", "top_k"], outs, domain=native.DOMAIN, min_k=min_k)
     else:
         node = helper.make_node("TopK", ["x", "top_k"], outs, axis=-1)
-    results = [helper.make_tensor_value_info("values", FLOAT, None),
-               helper.make_tensor_value_info("ids", TensorProto.INT64, None)]
-    graph = helper.make_graph([node], node.op_type, ins, results)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    if custom:
-        native.register(options)
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)]
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session(node, ins, outs, custom, threads, types={"ids": TensorProto.INT64})
 
 
 def bind(sess: ort.InferenceSession, inputs: dict[str, np.ndarray],
@@ -110,16 +105,17 @@ def bind(sess: ort.InferenceSession, inputs: dict[str, np.ndarray],
     return binding
 
 
-def best_us(runs: list, repeats: int, calls: int = 100) -> list[float]:
-    """µs per call of each run, the best of `repeats` passes, the runs taking turns in every pass."""
-    best = [float("inf")] * len(runs)
-    for _ in range(repeats):
-        for i, run in enumerate(runs):
+def best_us(runs: dict[str, Callable[[], object]], repeats: int, calls: int = 100) -> dict[str, float]:
+    """µs per call of each run, the best of `repeats` passes; the runs take turns, the first changing
+    from pass to pass."""
+    best = dict.fromkeys(runs, float("inf"))
+    for rep in range(repeats):
+        for name in turned(list(runs), rep):
             start = time.perf_counter()
             for _ in range(calls):
-                run()
-            best[i] = min(best[i], (time.perf_counter() - start) / calls)
-    return [b * 1e6 for b in best]
+                runs[name]()
+            best[name] = min(best[name], (time.perf_counter() - start) / calls)
+    return {name: b * 1e6 for name, b in best.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind, group in (("self", 1), ("cross", 1), ("cross", 4), ("top-k", 1)):
             if rows % group:
                 continue
-            runs = []
+            runs: dict[str, Callable[[], object]] = {}
             for custom, sess in enumerate(pairs[kind]):
                 if kind == "self":
                     k, v = (rng.standard_normal((rows, H, slots, Dh), dtype=np.float32) for _ in range(2))
@@ -175,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
                               "k": rng.standard_normal((B, H, S, Dh), dtype=np.float32),
                               "v": rng.standard_normal((B, H, S, Dh), dtype=np.float32)}
                     outputs = {"out": np.zeros((B, group, D), np.float32)}
-                binding = bind(sess, inputs, outputs)
-                runs.append(lambda sess=sess, binding=binding: sess.run_with_iobinding(binding))
+                runs["nmt" if custom else "ort"] = functools.partial(sess.run_with_iobinding,
+                                                                     bind(sess, inputs, outputs))
             times = best_us(runs, args.repeats)
             label = {1: kind, 4: f"{kind}, 4 per source"}[group]
             label = f"top-{args.k} of {args.vocab}" if kind == "top-k" else label
-            print(f"| {label} | {rows} | {times[0]:.1f} | {times[1]:.1f} | {times[0] / times[1]:.2f}× |")
+            ort_us, nmt_us = times["ort"], times["nmt"]
+            print(f"| {label} | {rows} | {ort_us:.1f} | {nmt_us:.1f} | {ort_us / nmt_us:.2f}× |")
     return 0
 
 

@@ -74,6 +74,11 @@ def _cross_attention(node: NodeProto, caches: set[str]) -> list[str] | None:
     return [ins[0], ins[1], ins[2], ins[4]]  # query, key, value, key_padding_mask (int32)
 
 
+# com.microsoft op -> (our op, its inputs for a node of the form our kernel takes, else None)
+ATTENTION_FORMS = {"GroupQueryAttention": ("SlotAttention", _slot_self_attention),
+                   "MultiHeadAttention": ("CrossAttention", _cross_attention)}
+
+
 def _conditional_top_k(graph: GraphProto) -> int:
     """Replace the slot decoder's conditional TopK (an If on top_k > threshold: TopK of the log-probs,
     else a (1, 1) placeholder; nmt.bundle.SLOT_HOST_ARGMAX) by nmt.ConditionalTopK; 1 if it did, else 0."""
@@ -88,7 +93,7 @@ def _conditional_top_k(graph: GraphProto) -> int:
         if then is None or otherwise is None or len(then.node) != 1 or then.node[0].op_type != "TopK":
             continue
         top_k = then.node[0]
-        if {a.name: helper.get_attribute_value(a) for a in top_k.attribute} != {"axis": -1}:
+        if _attributes(top_k) != {"axis": -1}:
             continue  # largest and sorted at their defaults (1): any other setting is not our op's
         greater = made.get(node.input[0])
         if greater is None or greater.op_type != "Greater" or greater.input[0] != top_k.input[1]:
@@ -120,8 +125,7 @@ def rewrite(model: ModelProto) -> int:
     for node in graph.node:
         if node.domain != MS:
             continue
-        form = {"GroupQueryAttention": ("SlotAttention", _slot_self_attention),
-                "MultiHeadAttention": ("CrossAttention", _cross_attention)}.get(node.op_type)
+        form = ATTENTION_FORMS.get(node.op_type)
         inputs = form[1](node, caches) if form else None
         if form is None or inputs is None:
             continue
