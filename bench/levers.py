@@ -17,6 +17,8 @@ A variant is NAME=BUNDLE[:flag,...]; flags switch one engine lever off or on for
   whole     every slot decoder step runs whole on the session's threads (as before row parts and shards)
   unsharded a batch is searched whole, its steps split by rows (as before shards)
   stock     the slot decoder's attention and top-k on ONNX Runtime's kernels, not serve.engine.native's
+  nohead    greedy steps through the full vocabulary projection and log-softmax, not the greedy head
+            (serve.engine.native.greedy_head: these rows ask for no scores)
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from nmt.pair_tokenizer import load_bundle_tokenizer
 from serve.engine.runtime import Runtime
 from serve.engine.translator import EngineConfig, Translator
 
-FLAGS = ("spin", "expand", "concat", "whole", "unsharded", "stock")
+FLAGS = ("spin", "expand", "concat", "whole", "unsharded", "stock", "nohead")
 MODES = [("greedy", 1), ("beam 4", 4)]
 
 
@@ -58,7 +60,8 @@ def load_variant(spec: str, threads: int) -> Variant:
     manifest = read_manifest(path)
     spinning = None if "spin" in flags else False
     runtime = Runtime(Path(path), manifest, "cpu", threads, None, "all", allow_spinning=spinning,
-                      slot_cache="concat" not in flags, native_kernels="stock" not in flags)
+                      slot_cache="concat" not in flags, native_kernels="stock" not in flags,
+                      greedy_head="nohead" not in flags)
     runtime.grouped_cross = runtime.grouped_cross and "expand" not in flags
     if "whole" in flags:
         runtime.slot_parts = None

@@ -8,7 +8,10 @@ Per row count, on the same inputs, runs interleaved, best of --repeats:
     the caches bound in place as the slot cache binds them;
   * cross: MultiHeadAttention against nmt.CrossAttention over --source tokens (a tenth of them padding),
     one query per source row, and four (a source's beams) in the `4 per source` rows;
-  * top-k: ONNX TopK against nmt.ConditionalTopK, the k best of each row of --vocab log-probs.
+  * top-k: ONNX TopK against nmt.ConditionalTopK, the k best of each row of --vocab log-probs;
+  * greedy head: the vocabulary projection of (rows, heads x head-dim) states, log-softmax and top-1
+    (MatMul, LogSoftmax, TopK) against nmt.ProjectionTopK (random weights and states: about as many
+    candidates per row as on the trained model, one or two).
 The engine-level effect is `python -m bench.levers --variant stock=B:stock --variant native=B`.
 """
 
@@ -24,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from bench.worker import turned
 from serve.engine import native
@@ -32,12 +35,15 @@ from serve.engine import native
 FLOAT, INT32 = TensorProto.FLOAT, TensorProto.INT32
 
 
-def session(node: onnx.NodeProto, inputs: list[onnx.ValueInfoProto], outputs: list[str], custom: bool,
-            threads: int = 1, types: dict[str, int] | None = None) -> ort.InferenceSession:
-    """A one-node graph on the CPU; outputs are float unless `types` says otherwise; custom: the "nmt"
-    ops registered."""
+def session(node: onnx.NodeProto | list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
+            outputs: list[str], custom: bool, threads: int = 1, types: dict[str, int] | None = None,
+            weights: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+    """A graph of one node (or a few) on the CPU; outputs are float unless `types` says otherwise;
+    weights: its initializers; custom: the "nmt" ops registered."""
+    nodes = node if isinstance(node, list) else [node]
     results = [helper.make_tensor_value_info(o, (types or {}).get(o, FLOAT), None) for o in outputs]
-    graph = helper.make_graph([node], node.op_type, inputs, results)
+    inits = [numpy_helper.from_array(v, name) for name, v in (weights or {}).items()]
+    graph = helper.make_graph(nodes, nodes[0].op_type, inputs, results, inits)
     opsets = [helper.make_opsetid(d, v) for d, v in (("", 17), ("com.microsoft", 1), (native.DOMAIN, 1))]
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -93,6 +99,28 @@ def top_k(custom: bool, min_k: int = 3, threads: int = 1) -> ort.InferenceSessio
     return session(node, ins, outs, custom, threads, types={"ids": TensorProto.INT64})
 
 
+def projection(custom: bool, weight: np.ndarray, bias: np.ndarray | None = None,
+               threads: int = 1) -> ort.InferenceSession:
+    """The vocabulary projection and top-k of h (R, K) for weight (K, V): nmt.ProjectionTopK on
+    native.projection_weights (values: logits), or MatMul [+ bias] -> LogSoftmax -> TopK (values:
+    log-probs), the slot decoder's tail. Inputs h, top_k; outputs values, ids."""
+    K, V = weight.shape
+    ins = [helper.make_tensor_value_info("h", FLOAT, [None, K]),
+           helper.make_tensor_value_info("top_k", TensorProto.INT64, [1])]
+    if custom:
+        weights = native.projection_weights(weight, bias)
+        nodes = [helper.make_node("ProjectionTopK", ["h", *weights, "top_k"], ["values", "ids"],
+                                  domain=native.DOMAIN)]
+    else:
+        weights = {"w": weight} if bias is None else {"w": weight, "bias": bias}
+        nodes = [helper.make_node("MatMul", ["h", "w"], ["logits" if bias is None else "product"])]
+        if bias is not None:
+            nodes.append(helper.make_node("Add", ["product", "bias"], ["logits"]))
+        nodes += [helper.make_node("LogSoftmax", ["logits"], ["log_probs"], axis=-1),
+                  helper.make_node("TopK", ["log_probs", "top_k"], ["values", "ids"], axis=-1)]
+    return session(nodes, ins, ["values", "ids"], custom, threads, {"ids": TensorProto.INT64}, weights)
+
+
 def bind(sess: ort.InferenceSession, inputs: dict[str, np.ndarray],
          outputs: dict[str, np.ndarray]) -> ort.IOBinding:
     """Every array bound once; an output bound to an input's array is written in place."""
@@ -140,12 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     pairs = {kind: [make(custom, H, Dh, args.threads) for custom in (False, True)]
              for kind, make in (("self", self_attention), ("cross", cross_attention))}
     pairs["top-k"] = [top_k(custom, threads=args.threads) for custom in (False, True)]
+    weight = (rng.standard_normal((D, args.vocab)) / np.sqrt(D)).astype(np.float32)  # (D, V)
+    pairs["head"] = [projection(custom, weight, threads=args.threads) for custom in (False, True)]
     print(f"threads {args.threads}, {H} heads x {Dh}, {args.cached} cached tokens, {S} source tokens; "
           f"best of {args.repeats}; load average before {os.getloadavg()[0]:.2f}")
     print("| kernel | rows | ONNX Runtime µs | nmt µs | speed-up |")
     print("|---|---|---|---|---|")
     for rows in args.rows:
-        for kind, group in (("self", 1), ("cross", 1), ("cross", 4), ("top-k", 1)):
+        for kind, group in (("self", 1), ("cross", 1), ("cross", 4), ("top-k", 1), ("head", 1)):
             if rows % group:
                 continue
             runs: dict[str, Callable[[], object]] = {}
@@ -158,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
                     if not custom:
                         inputs["total"] = np.array([args.cached + 1], np.int32)
                     outputs = {"out": np.zeros((rows, 1, D), np.float32), "k_out": k, "v_out": v}
+                elif kind == "head":
+                    inputs = {"h": rng.standard_normal((rows, D), dtype=np.float32),
+                              "top_k": np.array([1], np.int64)}
+                    outputs = {"values": np.zeros((rows, 1), np.float32),
+                               "ids": np.zeros((rows, 1), np.int64)}
                 elif kind == "top-k":
                     x = rng.standard_normal((rows, args.vocab), dtype=np.float32)
                     inputs = {"x": x, "top_k": np.array([args.k], np.int64)}
@@ -176,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             times = best_us(runs, args.repeats)
             label = {1: kind, 4: f"{kind}, 4 per source"}[group]
             label = f"top-{args.k} of {args.vocab}" if kind == "top-k" else label
+            label = f"greedy head, {D} x {args.vocab}" if kind == "head" else label
             ort_us, nmt_us = times["ort"], times["nmt"]
             print(f"| {label} | {rows} | {ort_us:.1f} | {nmt_us:.1f} | {ort_us / nmt_us:.2f}× |")
     return 0

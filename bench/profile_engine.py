@@ -142,12 +142,13 @@ def top_functions(translator: Any, texts: list[str], batch: int, options: Any,
 
 
 def profile(bundle: str | Path, texts: list[str], *, batch: int, beam: int, threads: int,
-            top: int = 8) -> dict[str, Any]:
+            top: int = 8, greedy_head: bool = True) -> dict[str, Any]:
     """Profile the engine on `texts` (fed `batch` at a time); costs per decoder step, largest first."""
     from nmt.decoding import DecodeOptions
     from serve.engine.translator import EngineConfig, Translator
 
-    config = EngineConfig(device="cpu", intra_op_threads=threads, shards=False)  # see the module doc
+    config = EngineConfig(device="cpu", intra_op_threads=threads, shards=False,  # see the module doc
+                          greedy_head=greedy_head)
     translator = Translator.from_bundle(bundle, config)
     options = DecodeOptions(beam_size=beam)
     run_batches(translator, texts[:batch], batch, options)  # warm-up
@@ -159,12 +160,14 @@ def profile(bundle: str | Path, texts: list[str], *, batch: int, beam: int, thre
     return {"tool": "time.perf_counter timers around graph runs + cProfile (own time) for functions; "
                     "shards off",
             "batch": batch, "beam": beam, "threads": threads, "sentences": len(texts),
+            "greedy_head": translator.runtime.slot_head is not None,
             "decoder_steps": split["steps"], "wall_s": split["wall_s"], "costs": costs,
             "top_functions": top_functions(translator, texts, batch, options, top)}
 
 
 def render(p: dict[str, Any]) -> str:
-    lines = [f"Engine profile: batch {p['batch']}, beam {p['beam']}, {p['threads']} threads, "
+    head = "" if p["beam"] > 1 else (", greedy head" if p.get("greedy_head") else ", no greedy head")
+    lines = [f"Engine profile: batch {p['batch']}, beam {p['beam']}{head}, {p['threads']} threads, "
              f"{p['sentences']} sentences, {p['decoder_steps']} decoder steps in {p['wall_s']:.2f} s "
              f"({p['tool']})", "",
              "| cost | µs per step | share | what |", "|---|---|---|---|"]
@@ -185,6 +188,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--beam", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-greedy-head", action="store_true",
+                   help="greedy steps through the full vocabulary projection (EngineConfig.greedy_head off)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
     args = p.parse_args(argv)
     from bench.run import BenchError, read_text, test_set
@@ -199,7 +204,8 @@ def main(argv: list[str]) -> int:
             ns = argparse.Namespace(test_src=None, data_dir=args.data_dir or Path(default_data_dir()),
                                     split="test_2016_flickr", sentences=args.sentences)
             texts = test_set(ns, "en", "de")[0]
-        result = profile(args.bundle, texts, batch=args.batch, beam=args.beam, threads=args.threads)
+        result = profile(args.bundle, texts, batch=args.batch, beam=args.beam, threads=args.threads,
+                         greedy_head=not args.no_greedy_head)
     except Exception as e:  # bad files and bundles: one line, no traceback
         if isinstance(e, BenchError) or type(e).__name__ == "BundleError":
             print(f"profile_engine: {e}", file=sys.stderr)

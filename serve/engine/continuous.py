@@ -50,7 +50,7 @@ from serve.engine.lanes import Lane, Text
 from serve.engine.packing import DEFAULT_MAX_BATCH_TOKENS
 from serve.engine.runtime import DecoderCache
 from serve.engine.scheduler import BatchMetrics, Job, StepListener, wait_for_room
-from serve.engine.search import Beam, advance, candidates, finish_live, force, greedy_pick, place
+from serve.engine.search import Beam, advance, candidates, finish_live, force, greedy_pick, place, scored
 from serve.engine.slots import SlotCache
 
 if TYPE_CHECKING:
@@ -327,7 +327,8 @@ class ContinuousScheduler:
         eos, bos = self.translator.manifest.eos_id, self.translator.manifest.bos_id
         feed = np.asarray([tok for t in live for tok in t.feed(bos)], dtype=np.int64)
         started = time.monotonic()
-        values, ids = cache.step(feed, max(t.top_k(vocab) for t in live))  # (R, K)
+        scores = any(scored(t.options) for t in live)  # else the greedy head's logits may come back
+        values, ids = cache.step(feed, max(t.top_k(vocab) for t in live), scores)  # (R, K)
         now = time.monotonic()
         generated = 0
         for text in live:

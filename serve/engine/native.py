@@ -17,16 +17,34 @@ compiler at install) or with EngineConfig(native_kernels=False) the graph runs a
 
 The attention results equal ONNX Runtime's to float rounding (another summation order and exp; the
 tests compare them within 1e-5, and the engine's tokens with and without); the top-k's are the same.
+
+The greedy head: a float32 slot decoder spends about 40% of a step in its vocabulary projection (K x V
+floats read at every step of a batch-1 search, 40% of the arithmetic at 64 rows), yet a greedy step
+that reports no scores needs only the best token (two below min_length). `greedy_head` builds a
+second variant of the graph whose MatMul, LogSoftmax and top-k are one
+  * nmt.ProjectionTopK(h, w8, scale, sums, bounds, w, bias, top_k): the top_k best float32 logits of
+    h . w^T + bias, found from int8 estimates with proven error bounds and computed in float32 only for
+    the candidates the bounds leave (about 1.2 per row on the trained model; serve/engine/csrc/
+    projection.c): the top-k of the float32 logits whatever the estimates, a quarter of the bytes.
+The runtime loads it beside the full graph (Runtime.slot_head) where the CPU has AVX-512 VNNI
+(projection_fast); SlotCache.step takes it for steps asked for without scores, and a search that
+needs log-probs (beam search, return_scores) takes the full graph. EngineConfig(greedy_head=False)
+turns it off.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib.machinery
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnxruntime as ort
+
+from nmt import bundle as fmt
 
 if TYPE_CHECKING:  # onnx is imported only where a graph is rewritten (`accelerated`)
     from onnx import GraphProto, ModelProto, NodeProto
@@ -36,6 +54,7 @@ log = logging.getLogger(__name__)
 DOMAIN = "nmt"
 LIBRARY = "_nmt_ops"  # serve/engine/_nmt_ops<extension suffix>
 MS = "com.microsoft"
+PROJECTION_ROUNDING = 2.0 ** -18  # REL_ESTIMATE in serve/engine/csrc/projection.c
 
 
 def library_path() -> Path | None:
@@ -46,6 +65,41 @@ def library_path() -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+@functools.cache
+def projection_fast() -> bool:
+    """Whether the library's ProjectionTopK estimates run on AVX-512 VNNI here (its portable loops are
+    slower than ONNX Runtime's float32 MatMul, so the greedy head is used only where they do)."""
+    library = library_path()
+    return library is not None and bool(ctypes.CDLL(str(library)).nmt_projection_fast())
+
+
+def projection_weights(weight: np.ndarray, bias: np.ndarray | None) -> dict[str, np.ndarray]:
+    """ProjectionTopK's inputs after h for a vocabulary projection h @ weight + bias, weight (K, V):
+    w8 (Vp/16, Kp/4, 16, 4) int8 (each vocabulary row quantized on its own scale), scale and sums (Vp,),
+    bounds (3, Vp) (the norms of each row's quantization error and of its int8 copy, a rounding allowance
+    for its bias), w (V, K), bias (V,).
+    Vp, Kp: V, K rounded up to 16 and 4, the padding zero (serve/engine/csrc/projection.c)."""
+    w = np.ascontiguousarray(weight.T, dtype=np.float32)  # (V, K)
+    V, K = w.shape
+    Vp, Kp = -(-V // 16) * 16, -(-K // 4) * 4
+    peak = np.abs(w).max(axis=1)  # (V,)
+    scale = np.where(peak > 0, peak / 127, 1).astype(np.float32)  # (V,)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)  # (V, K)
+    copy = q.astype(np.float64) * scale[:, None]  # (V, K) the int8 copy's values, exactly
+    b = np.zeros(V, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(V)
+    bounds = np.zeros((3, Vp), np.float32)
+    bounds[0, :V] = np.linalg.norm(w - copy, axis=1)
+    bounds[1, :V] = np.linalg.norm(copy, axis=1)
+    bounds[2, :V] = 2 * PROJECTION_ROUNDING * np.abs(b)  # the estimate's rounding, its bias part
+    padded = np.zeros((Vp, Kp), np.int8)
+    padded[:V, :K] = q
+    w8 = padded.reshape(Vp // 16, 16, Kp // 4, 4).transpose(0, 2, 1, 3)  # (Vp/16, Kp/4, 16, 4)
+    w8 = np.ascontiguousarray(w8)
+    sums = np.zeros(Vp, np.int32)
+    sums[:V] = q.sum(axis=1, dtype=np.int32)
+    return {"w8": w8, "scale": np.pad(scale, (0, Vp - V)), "sums": sums, "bounds": bounds, "w": w, "bias": b}
 
 
 def _attributes(node: NodeProto) -> dict[str, object]:
@@ -141,9 +195,72 @@ def rewrite(model: ModelProto) -> int:
     return count
 
 
-def accelerated(path: Path) -> bytes | None:
-    """The slot decoder at `path` with its attention and top-k on the compiled kernels, serialized; None
-    (the graph runs as exported) without the library or a node to rewrite. Sessions of it need
+def greedy_head(model: ModelProto) -> ModelProto | None:
+    """A copy of the slot decoder whose vocabulary projection, log-softmax and top-k are one
+    nmt.ProjectionTopK: its topk_values are float32 logits (not log-probs) and it has no log_probs
+    output. For steps that need no scores (greedy without return_scores); None when the graph's tail is
+    not MatMul(h, W) [+ bias] -> LogSoftmax -> log_probs -> top-k, W a float32 initializer."""
+    from onnx import ModelProto, TensorProto, helper, numpy_helper
+    graph = model.graph
+    made = {o: n for n in graph.node for o in n.output}
+    consts = {t.name: t for t in graph.initializer}
+    softmax, top_k = made.get(fmt.LOG_PROBS), made.get(fmt.TOPK_VALUES)
+    if made.get(fmt.TOPK_INDICES) is not top_k or softmax is None or top_k is None:
+        return None
+    if softmax.op_type != "LogSoftmax" or _attributes(softmax).get("axis", -1) not in (-1, 1):
+        return None
+    logits = made.get(softmax.input[0])
+    bias = None
+    if logits is not None and logits.op_type == "Add":  # MatMul + bias
+        matmul = next((made.get(i) for i in logits.input if i in made), None)
+        bias = next((consts.get(i) for i in logits.input if i in consts), None)
+        if bias is None or len(bias.dims) != 1:
+            return None
+    else:
+        matmul = logits
+    if matmul is None or matmul.op_type != "MatMul" or matmul.input[1] not in consts:
+        return None
+    weight = consts[matmul.input[1]]
+    if len(weight.dims) != 2 or weight.data_type != TensorProto.FLOAT:
+        return None
+    tail = [matmul, softmax, top_k] + ([logits] if bias is not None else [])
+    users = {i for n in graph.node if all(n is not t for t in tail) for i in n.input}
+    if {o for t in tail for o in t.output if o not in (fmt.TOPK_VALUES, fmt.TOPK_INDICES)} & users:
+        return None  # something else reads the logits or log-probs
+    inputs = projection_weights(numpy_helper.to_array(weight),
+                                None if bias is None else numpy_helper.to_array(bias))
+    if top_k.op_type == "If":  # the Greater feeding it goes too, when nothing else reads it
+        greater = made.get(top_k.input[0])
+        if greater is not None and greater.output[0] not in users:
+            tail.append(greater)
+    drop = [i for i, n in enumerate(graph.node) if any(n is t for t in tail)]  # positions: names may be empty
+    head = ModelProto()
+    head.CopyFrom(model)
+    g = head.graph
+    names = [matmul.input[0], *(f"projection.{n}" for n in inputs), fmt.TOP_K]  # h, the weights, k
+    fused = helper.make_node("ProjectionTopK", names, [fmt.TOPK_VALUES, fmt.TOPK_INDICES], domain=DOMAIN)
+    keep = [n for i, n in enumerate(g.node) if i not in drop]
+    at = next(i for i, n in enumerate(graph.node) if n is matmul)
+    keep.insert(at - sum(i < at for i in drop), fused)  # where the MatMul was: after h is made
+    del g.node[:]
+    g.node.extend(keep)
+    read = {i for n in g.node for i in n.input}
+    kept = [t for t in g.initializer if t.name in read]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    g.initializer.extend(numpy_helper.from_array(v, f"projection.{n}") for n, v in inputs.items())
+    outputs = [o for o in g.output if o.name != fmt.LOG_PROBS]
+    del g.output[:]
+    g.output.extend(outputs)
+    if not any(o.domain == DOMAIN for o in head.opset_import):
+        head.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return head
+
+
+def accelerated(path: Path, head: bool = True) -> tuple[bytes, bytes | None] | None:
+    """The slot decoder at `path` with its attention and top-k on the compiled kernels, serialized, and
+    (head, where the CPU runs ProjectionTopK fast: projection_fast) its greedy_head variant; None (the
+    graph runs as exported) without the library or a node to rewrite. Sessions of them need
     `register(options)`."""
     if library_path() is None:
         log.info("serve.engine._nmt_ops is not built: the slot decoder runs on ONNX Runtime's kernels")
@@ -154,7 +271,10 @@ def accelerated(path: Path) -> bytes | None:
         log.info("onnx is not installed: the slot decoder runs on ONNX Runtime's kernels")
         return None
     model = onnx.load(str(path))
-    return model.SerializeToString() if rewrite(model) else None
+    if not rewrite(model):
+        return None
+    variant = greedy_head(model) if head and projection_fast() else None
+    return model.SerializeToString(), None if variant is None else variant.SerializeToString()
 
 
 def register(options: ort.SessionOptions) -> None:

@@ -125,6 +125,10 @@ class Graph:
                                                 providers=providers_for(device))
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
             raise BundleError(f"{path}: cannot be loaded by ONNX Runtime ({type(e).__name__}: {e})") from None
+        if model is not None and device.type == "cpu":
+            # ORT's Python session keeps the bytes it was made from, only to re-create itself when a GPU
+            # provider fails (never on CPU): 27 MB per fp32 slot decoder session held for nothing.
+            self.session._model_bytes = None
         self.device = device
         names = [i.name for i in self.session.get_inputs()]
         missing = [n for n in expected_inputs if n not in names]
@@ -183,7 +187,7 @@ class Runtime:
     def __init__(self, bundle_dir: Path, manifest: Manifest, device: str = "auto",
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  graph_optimization: str = "all", allow_spinning: bool | None = False,
-                 slot_cache: bool = True, native_kernels: bool = True):
+                 slot_cache: bool = True, native_kernels: bool = True, greedy_head: bool = True):
         options = session_options(intra_op_threads, inter_op_threads, graph_optimization, allow_spinning)
         wanted = requested_device(device)
         self.device = wanted or (Device("cuda") if cuda_driver_present() else Device("cpu"))
@@ -203,12 +207,16 @@ class Runtime:
         self.slot_decoder: Graph | None = None
         self.slot_parts: Graph | None = None  # the same graph on one thread, for steps split by rows
         self.native_kernels = False  # the slot decoder runs on serve.engine.native's kernels
+        # Its greedy_head variant (serve.engine.native): steps that need no scores (greedy without
+        # return_scores) take their best tokens from int8 estimates with error bounds, checked in float32.
+        self.slot_head: Graph | None = None
+        self.slot_head_parts: Graph | None = None
         self.copy_threads = intra_op_threads or os.cpu_count() or 1  # host threads: see copy_pool below
         if slot_cache and self.device.type == "cpu" and fmt.SLOT_CACHE in manifest.optimizations:
             path, names = bundle_dir / fmt.DECODER_SLOTS_FILE, fmt.slot_decoder_input_names(n)
             # On our compiled kernels when they are built (serve.engine.native); should that graph fail to
             # load (a library that does not fit this ONNX Runtime), the graph as exported.
-            model = native.accelerated(path) if native_kernels else None
+            model, head = (native.accelerated(path, greedy_head) if native_kernels else None) or (None, None)
             parts = self.copy_threads > 1
             load = functools.partial(slot_graphs, path, names, self.device, intra_op_threads,
                                      inter_op_threads, graph_optimization, allow_spinning, parts)
@@ -219,9 +227,15 @@ class Runtime:
                     raise
                 log.warning("the slot decoder on serve.engine.native's kernels did not load (%s); "
                             "ONNX Runtime's kernels instead", e)
-                model = None
+                model = head = None
                 self.slot_decoder, self.slot_parts = load(None)
             self.native_kernels = model is not None
+            if head is not None:
+                try:
+                    self.slot_head, self.slot_head_parts = load(head)
+                except Exception as e:
+                    log.warning("the slot decoder's greedy head did not load (%s); greedy steps use the "
+                                "full vocabulary projection", e)
         # Its greedy steps read log_probs and take the argmax on the host (serve.engine.slots.best_of).
         self.slot_host_argmax = fmt.SLOT_HOST_ARGMAX in manifest.optimizations
         self.vocab_size = manifest.vocab_size  # the log_probs width: the slot decoder's, when it has one
@@ -259,7 +273,7 @@ class Runtime:
         """Free every session: a version replaced by a reload, once its last request finished."""
         with self._load_lock:
             graphs = (self.encoder, self.decoder, self.reorder, self._decoder_alignments, self.slot_decoder,
-                      self.slot_parts)
+                      self.slot_parts, self.slot_head, self.slot_head_parts)
             for graph in graphs:
                 if graph is not None:
                     graph.release()
@@ -332,8 +346,9 @@ class DecoderCache:
                            for i in range(n) for w in ("key", "value")]
         self.self_past = {past for _, past in self.self_pairs}
 
-    def step(self, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Feed one token per row (R,) and return the k best next tokens: values, ids (R, k)."""
+    def step(self, tokens: np.ndarray, k: int, scores: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Feed one token per row (R,) and return the k best next tokens: values (log-probs), ids (R, k).
+        (scores: see StepCache; this graph always computes the log-probs.)"""
         rt, R, t = self.runtime, self.rows, self.position
         feeds: dict[str, Feed] = dict(self.cache)
         feeds[fmt.INPUT_IDS] = tokens.astype(np.int64).reshape(R, 1)  # (R, 1)

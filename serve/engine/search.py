@@ -11,6 +11,7 @@ walk over the 2k best candidates.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -24,14 +25,22 @@ class StepCache(Protocol):
     rows: int
     alignment: np.ndarray | None  # (R,) after a step: most attended source index per row, when asked
 
-    def step(self, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    # The k best next tokens of each row: values, ids (R, k), best first. values are log-probs; with
+    # scores=False they may be any values that rank the same (the slot decoder's greedy head: logits).
+    def step(self, tokens: np.ndarray, k: int, scores: bool = True) -> tuple[np.ndarray, np.ndarray]: ...
 
     def keep(self, rows: np.ndarray, group: int = 1) -> None: ...
 
 
+def scored(opts: DecodeOptions) -> bool:
+    """Whether a search needs log-probs: beam search ranks by them; greedy only reports them, on request
+    (without, its steps may skip them (StepCache.step) and its hypotheses' scores are NaN)."""
+    return opts.return_scores or opts.beam_size > 1
+
+
 def hypothesis(tokens: list[int], log_prob: np.float32, ended: bool, opts: DecodeOptions,
                alignment: list[int] | None = None) -> Hypothesis:
-    lp = float(log_prob)
+    lp = float(log_prob) if scored(opts) else math.nan
     return Hypothesis(text="", tokens=tokens, log_prob=lp, alignment=alignment,
                       score=normalised_score(lp, len(tokens) + int(ended), opts.length_penalty))
 
@@ -110,7 +119,7 @@ def greedy_one(cache: StepCache, budget: int, opts: DecodeOptions, bos: int, eos
         if stopped():
             return None
         step = len(tokens)
-        values, ids = cache.step(feed, 2 if step < opts.min_length else 1)  # (1, k)
+        values, ids = cache.step(feed, 2 if step < opts.min_length else 1, scored(opts))  # (1, k)
         token, gained = greedy_pick(values[0], ids[0], step, opts, eos, prefix)
         log_prob = np.float32(log_prob + gained)
         if token == eos:
@@ -166,7 +175,7 @@ def greedy_search(cache: StepCache, budgets: list[int], opts: DecodeOptions, bos
             rows, feed, live = rows[keep], feed[keep], live[keep]
         eos_banned = step < opts.min_length
         # Below min_length the second best stands in for a banned EOS, so ask for two.
-        values, ids = cache.step(feed, 2 if eos_banned else 1)  # (R, k)
+        values, ids = cache.step(feed, 2 if eos_banned else 1, scored(opts))  # (R, k)
         choice = ((ids[:, 0] == eos) & eos_banned).astype(np.int64)  # (R,) column of the pick
         r = np.arange(len(rows))
         picked = ids[r, choice]  # (R,)

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from serve.engine.runtime import Runtime
 
 HOST_ARGMAX_ROWS = 4  # from this many rows greedy steps take their argmax on the host (see step)
+HEAD_MAX_K = 2  # greedy asks for 1 best token, 2 below min_length: the steps the greedy head takes
 PART_ROWS = 8  # the fewest rows a step is split into parts for (see row_parts)
 SHARED = (fmt.TOTAL_SEQUENCE_LENGTH, fmt.TOP_K)  # step inputs every row part binds whole
 FIRST_LENGTH = 32  # slots per row at first; doubled when a row needs more (a copy of the filled part)
@@ -197,8 +198,9 @@ class SlotCache:
     def cross_rows(self) -> int:
         return self.rows // self.group
 
-    def step(self, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Feed one token per row (R,) and return the k best next tokens: values, ids (R, k)."""
+    def step(self, tokens: np.ndarray, k: int, scores: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Feed one token per row (R,) and return the k best next tokens: values, ids (R, k). The values
+        are log-probs; without scores, where the runtime has the greedy head (k <= HEAD_MAX_K), logits."""
         if self.alignment_layer is not None:
             raise ValueError("the slot decoder has no alignment output: use the alignment graph's cache")
         R, total = self.rows, self.position + 1
@@ -208,12 +210,14 @@ class SlotCache:
         # SLOT_HOST_ARGMAX graphs leave top-k to the host for k <= 2; below HOST_ARGMAX_ROWS rows the
         # graph's TopK (asked for 3) costs less than numpy's calls between two runs.
         rt = self.runtime
-        host = rt.slot_host_argmax and k <= 2
+        head = not scores and rt.slot_head is not None and k <= HEAD_MAX_K
+        host = rt.slot_host_argmax and k <= 2 and not head
         graph_k = 3 if host and R < HOST_ARGMAX_ROWS else k
         parts = [(0, R)] if rt.slot_parts is None else row_parts(R, self.group, self.threads)
         io = self._io
-        if io is None or (io.k, io.rows, io.cross_rows, io.parts) != (graph_k, R, self.cross_rows, parts):
-            io = self._io = StepBinding(self, graph_k, parts)
+        wanted = (graph_k, R, self.cross_rows, parts, head)
+        if io is None or (io.k, io.rows, io.cross_rows, io.parts, io.head) != wanted:
+            io = self._io = StepBinding(self, graph_k, parts, head)
         if self.in_order:
             io.small[fmt.INPUT_IDS][:, 0] = tokens  # (R, 1)
         else:
@@ -365,12 +369,16 @@ class StepBinding:
     parts: row ranges (row_parts); with more than one, part j binds rows lo:hi of every array (all
     are row-major, so each is a view) to the one-thread session and the parts run side by side."""
 
-    def __init__(self, cache: SlotCache, k: int, parts: list[tuple[int, int]]):
+    def __init__(self, cache: SlotCache, k: int, parts: list[tuple[int, int]], head: bool = False):
         rt = cache.runtime
-        graph = rt.slot_decoder if len(parts) == 1 and not cache.single else rt.slot_parts
+        whole = len(parts) == 1 and not cache.single
+        if head:  # the greedy head (Runtime.slot_head): top-k logits, no log_probs output
+            graph = rt.slot_head if whole else rt.slot_head_parts
+        else:
+            graph = rt.slot_decoder if whole else rt.slot_parts
         assert graph is not None
         R, rc, g = cache.rows, cache.cross_rows, cache.group
-        self.rows, self.cross_rows, self.k, self.parts = R, rc, k, parts
+        self.rows, self.cross_rows, self.k, self.parts, self.head = R, rc, k, parts, head
         self.session = graph.session
         self.small: dict[str, np.ndarray] = {  # (R, ...) filled by SlotCache.step; shared by the parts
             fmt.INPUT_IDS: np.zeros((R, 1), np.int64), fmt.POSITION_IDS: np.zeros((R, 1), np.int64),
@@ -382,7 +390,7 @@ class StepBinding:
         # (R, V) to the cache's buffer and take their best tokens on the host (best_of).
         # (Bound for every k: ONNX Runtime writes log_probs anyway, into a fresh buffer if unbound.)
         self.log_probs: np.ndarray | None = None
-        log_probs = cache.log_probs_buffer(R) if rt.slot_host_argmax else None  # (R, V)
+        log_probs = cache.log_probs_buffer(R) if rt.slot_host_argmax and not head else None  # (R, V)
         if log_probs is not None and k <= 2:
             self.log_probs = log_probs
         shape = (1, 1) if self.log_probs is not None else (R, k)  # (1, 1): the graph's placeholder

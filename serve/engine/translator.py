@@ -53,6 +53,7 @@ class EngineConfig:
     alignment_layer: int = -1  # decoder layer whose head-averaged cross-attention gives alignments
     slot_cache: bool = True  # the bundle's slot decoder on CPU when it has one (off: to compare the two)
     native_kernels: bool = True  # its attention and top-k on serve.engine.native's kernels (off: ORT's)
+    greedy_head: bool = True  # greedy steps without scores: int8-bounded vocabulary projection (native)
     shards: bool = True  # big batches searched as shards side by side on the CPU threads (off: to compare)
 
     def errors(self, n_decoder_layers: int) -> list[str]:
@@ -88,7 +89,8 @@ class Translator:
         manifest = read_manifest(path)
         c = config
         runtime = Runtime(path, manifest, c.device, c.intra_op_threads, c.inter_op_threads,
-                          c.graph_optimization, slot_cache=c.slot_cache, native_kernels=c.native_kernels)
+                          c.graph_optimization, slot_cache=c.slot_cache, native_kernels=c.native_kernels,
+                          greedy_head=c.greedy_head)
         # Our own tokenizer.model, or the source/target pair the manifest names (imported models).
         translator = cls(runtime, manifest, load_bundle_tokenizer(path, manifest.raw), config)
         if c.warmup:

@@ -172,7 +172,7 @@ def test_the_engine_decides_as_with_onnx_runtimes_kernels(built, translator, sto
     want = stock.translate_ids(sources, opts, max_batch_tokens=100_000)
     for g, w in zip(got, want):
         assert [h.tokens for h in g] == [h.tokens for h in w]
-        assert [h.score for h in g] == pytest.approx([h.score for h in w], abs=1e-4)
+        assert [h.score for h in g] == pytest.approx([h.score for h in w], abs=1e-4, nan_ok=True)
 
 
 def test_without_the_library_the_graph_runs_as_exported(tiny_bundle, monkeypatch):

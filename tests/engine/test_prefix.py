@@ -6,14 +6,18 @@ produce on its own and the forced steps change the rest of the output.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from conftest import read_lines
 
 from nmt.decoding import DecodeOptions, InvalidRequest, StopSignal
 from serve.engine.continuous import ContinuousScheduler
+from serve.engine.search import scored
 
 TOL = 1e-3
 GREEDY, BEAM = DecodeOptions(), DecodeOptions(beam_size=3, n_best=2, min_length=6)
+SCORED = DecodeOptions(min_length=4, return_scores=True)
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +28,13 @@ def cases(translator) -> list[tuple[list[int], list[int]]]:
     return [(s, r[:i % 5]) for i, (s, r) in enumerate(zip(src, refs))]
 
 
-def assert_same(got, want) -> None:
+def assert_same(got, want, opts: DecodeOptions) -> None:
+    """The reference's tokens, and its scores where the engine computes them (greedy: on request)."""
     assert [h.tokens for h in got] == [h.tokens for h in want]
     for g, w in zip(got, want):
+        if not scored(opts):
+            assert math.isnan(g.score) and math.isnan(g.log_prob)
+            continue
         assert g.score == pytest.approx(w.score, abs=TOL)
         assert g.log_prob == pytest.approx(w.log_prob, abs=TOL)
 
@@ -39,21 +47,21 @@ def reference_decode(reference, source, prefix, opts):
     return beam_search(reference, source, opts, prefix)
 
 
-@pytest.mark.parametrize("opts", [GREEDY, BEAM], ids=["greedy", "beam"])
+@pytest.mark.parametrize("opts", [GREEDY, SCORED, BEAM], ids=["greedy", "greedy-scores", "beam"])
 def test_static_engine_with_prefix_equals_reference(translator, reference, cases, opts):
     sources, prefixes = [s for s, _ in cases], [p for _, p in cases]
     got = translator.translate_ids(sources, opts, prefixes=prefixes)
     changed = 0
     for (src, prefix), hyps in zip(cases, got):
         assert hyps is not None and hyps[0].tokens[:len(prefix)] == prefix
-        assert_same(hyps, reference_decode(reference, src, prefix, opts))
+        assert_same(hyps, reference_decode(reference, src, prefix, opts), opts)
         changed += bool(prefix) and hyps[0].tokens != translator.translate_ids([src], opts)[0][0].tokens
         alone = translator.translate_ids([src], opts, prefixes=[prefix])[0]  # batch 1 too
-        assert_same(alone, reference_decode(reference, src, prefix, opts))
+        assert_same(alone, reference_decode(reference, src, prefix, opts), opts)
     assert changed >= 3  # the prefixes really steer the output
 
 
-@pytest.mark.parametrize("opts", [GREEDY, BEAM], ids=["greedy", "beam"])
+@pytest.mark.parametrize("opts", [GREEDY, SCORED, BEAM], ids=["greedy", "greedy-scores", "beam"])
 def test_continuous_rows_of_different_ages_with_prefixes_equal_reference(translator, reference, cases, opts):
     """One text joins every other step, so forced and searched steps share the running batch."""
     loop = ContinuousScheduler(translator, thread=False)
@@ -67,17 +75,17 @@ def test_continuous_rows_of_different_ages_with_prefixes_equal_reference(transla
             break
         loop.step_once()
     for (src, prefix), future in zip(cases, futures):
-        assert_same(future.result()[0], reference_decode(reference, src, prefix, opts))
+        assert_same(future.result()[0], reference_decode(reference, src, prefix, opts), opts)
 
 
 def test_prefix_filling_the_whole_budget_is_the_output(translator, reference, cases):
     src, _ = cases[1]
-    opts = DecodeOptions(max_length_a=0, max_length_b=3)
+    opts = DecodeOptions(max_length_a=0, max_length_b=3, return_scores=True)
     prefix = translator.tokenizer.encode("Ein Hund rennt")[:3]
     for o in (opts, DecodeOptions(beam_size=2, max_length_a=0, max_length_b=3)):
         got = translator.translate_ids([src], o, prefixes=[prefix])[0]
         assert got[0].tokens == prefix and got[0].log_prob == 0
-        assert_same(got[:1], reference_decode(reference, src, prefix, o)[:1])
+        assert_same(got[:1], reference_decode(reference, src, prefix, o)[:1], o)
 
 
 @pytest.mark.parametrize("prefix, message", [

@@ -7,6 +7,8 @@ against a plain loop without ONNX Runtime or torch.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -34,13 +36,17 @@ class FakeCache:
         self.alignment = None
         self.steps: list[int] = []  # rows fed at each step
         self.groups: list[int] = []  # the group asked for by each keep()
+        self.scored: list[bool] = []  # the scores flag of each step
 
-    def step(self, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def step(self, tokens: np.ndarray, k: int, scores: bool = True) -> tuple[np.ndarray, np.ndarray]:
         assert len(tokens) == self.rows
         self.steps.append(self.rows)
+        self.scored.append(scores)
         lp = np.stack([log_probs(int(s), int(t)) for s, t in zip(self.source, tokens)])  # (R, V)
         ids = np.argsort(-lp, axis=1, kind="stable")[:, :k]  # (R, k)
-        return np.take_along_axis(lp, ids, axis=1), ids
+        # Without scores a cache may return any values that rank the same (the greedy head's logits).
+        values = np.take_along_axis(lp, ids, axis=1)
+        return (values if scores else values + 7.0), ids
 
     def keep(self, rows: np.ndarray, group: int = 1) -> None:
         self.source = self.source[rows]
@@ -69,7 +75,7 @@ def reference_greedy(source: int, budget: int, opts: DecodeOptions) -> tuple[lis
 @pytest.mark.parametrize("compaction", [True, False])
 def test_greedy_equals_a_plain_loop(min_length, compaction):
     sources, budgets = list(range(20)), [3 + (i * 7) % 11 for i in range(20)]
-    opts = DecodeOptions(min_length=min_length)
+    opts = DecodeOptions(min_length=min_length, return_scores=True)
     found = greedy_search(FakeCache(sources), budgets, opts, BOS, EOS, lambda i: False, compaction)
     for s, b, h in zip(sources, budgets, found):
         tokens, lp = reference_greedy(s, b, opts)
@@ -85,7 +91,7 @@ def test_greedy_equals_a_plain_loop(min_length, compaction):
 def test_one_row_greedy_equals_the_batched_loop(min_length, budget, prefix):
     """One row takes the scalar loop (greedy_one): the same tokens and float32 sums as that row
     decoded beside another one, for budgets, min_length and forced prefixes."""
-    opts = DecodeOptions(min_length=min_length)
+    opts = DecodeOptions(min_length=min_length, return_scores=True)
     for source in range(8):
         alone = greedy_search(FakeCache([source]), [budget], opts, BOS, EOS, lambda i: False,
                               prefixes=[prefix])[0]
@@ -95,6 +101,21 @@ def test_one_row_greedy_equals_the_batched_loop(min_length, budget, prefix):
     stopped = [greedy_search(FakeCache(srcs), [budget] * len(srcs), opts, BOS, EOS, lambda i: True,
                              prefixes=[prefix] * len(srcs))[0] for srcs in ([1], [1, 2])]
     assert stopped[0] == stopped[1] and (stopped[0] is None) == (budget > 0)  # a row with no budget is done
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_greedy_without_scores_asks_for_none_and_reports_none(rows):
+    """Greedy without return_scores tells the cache it needs no scores (the slot decoder's greedy head
+    then returns logits): the same tokens, and NaN scores rather than sums of whatever came back."""
+    sources, budgets = list(range(rows)), [9] * rows
+    scored, plain = FakeCache(sources), FakeCache(sources)
+    want = greedy_search(scored, budgets, DecodeOptions(min_length=3, return_scores=True), BOS, EOS,
+                         lambda i: False)
+    got = greedy_search(plain, budgets, DecodeOptions(min_length=3), BOS, EOS, lambda i: False)
+    assert all(scored.scored) and not any(plain.scored)
+    for g, w in zip(got, want):
+        assert g is not None and w is not None and g.tokens == w.tokens
+        assert math.isnan(g.score) and math.isnan(g.log_prob) and not math.isnan(w.score)
 
 
 def test_greedy_compaction_drops_finished_rows():

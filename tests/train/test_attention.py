@@ -133,8 +133,9 @@ def test_alignments_of_another_layer(tiny_bundle, model_and_tokenizer):
 @pytest.mark.parametrize("beam", [1, 3])
 def test_alignments_off_changes_nothing(beam, translator, model_and_tokenizer):
     model, _ = model_and_tokenizer
-    off = translator.translate(TEXTS, DecodeOptions(beam_size=beam, n_best=beam))
-    on = translator.translate(TEXTS, DecodeOptions(beam_size=beam, n_best=beam, return_alignments=True))
+    off = translator.translate(TEXTS, DecodeOptions(beam_size=beam, n_best=beam, return_scores=True))
+    on = translator.translate(TEXTS, DecodeOptions(beam_size=beam, n_best=beam, return_scores=True,
+                                                   return_alignments=True))
     for a, b in zip(off, on):
         assert [h.tokens for h in a.hypotheses] == [h.tokens for h in b.hypotheses]
         # Without alignments the CPU engine runs the slot decoder, with them the alignment graph: the
@@ -187,7 +188,7 @@ def test_bundle_without_the_output_refuses_alignments_and_decodes_the_same(tiny_
                                    EngineConfig(device="cpu", warmup=False))
     assert not plain.runtime.has_alignments and translator.runtime.has_alignments
     for beam in (1, 3):
-        opts = DecodeOptions(beam_size=beam)
+        opts = DecodeOptions(beam_size=beam, return_scores=True)
         got, want = plain.translate(TEXTS, opts), translator.translate(TEXTS, opts)
         assert [(h.tokens, h.score) for r in got for h in r.hypotheses] == \
             [(h.tokens, h.score) for r in want for h in r.hypotheses]

@@ -14,20 +14,6 @@
 #else
 #define VECTOR_CLONES
 #endif
-#define LANES 16
-
-/* a . b over n floats, in LANES partial sums (so the loop vectorizes without reassociating). */
-static inline float dot(const float *a, const float *b, int64_t n) {
-    float part[LANES] = {0};
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int j = 0; j < LANES; j++) part[j] += a[i + j] * b[i + j];
-    float tail = 0.0f;
-    for (; i < n; i++) tail += a[i] * b[i];
-    for (int w = LANES / 2; w; w /= 2)
-        for (int j = 0; j < w; j++) part[j] += part[j + w];
-    return part[0] + tail;
-}
 
 /* exp(x) for x <= 0 (softmax after the max is subtracted), about 1 ulp: exp(x) = 2^n exp(r) with
  * |r| <= ln2/2 and exp(r) ~ 1 + r + r^2 p(r), p of degree 5. Branch-free so a loop of it vectorizes; below
@@ -160,8 +146,7 @@ static int cpu_has_avx512(void) {
 static int use_avx512(int64_t Dh) { return cpu_has_avx512() && Dh % 16 == 0 && Dh <= 256; }
 
 /* top_k_row's scan with AVX-512: 16 values compared with the k-th best at a time, a lane that beats it
- * inserted (insert() below) in index order. */
-static void insert(float v, int64_t id, int64_t k, int64_t *have, float *values, int64_t *ids);
+ * inserted (nmt_keep_best) in index order. */
 
 __attribute__((target("avx512f")))
 static void top_k_avx512(const float *x, int64_t n, int64_t k, float *values, int64_t *ids) {
@@ -174,7 +159,7 @@ static void top_k_avx512(const float *x, int64_t n, int64_t k, float *values, in
         while (beats) {
             const int j = __builtin_ctz(beats);
             beats &= beats - 1;
-            if (have < k || x[start + j] > values[k - 1]) insert(x[start + j], start + j, k, &have, values, ids);
+            nmt_keep_best(x[start + j], start + j, k, &have, values, ids);
         }
     }
 }
@@ -185,7 +170,7 @@ static void top_k_avx512(const float *x, int64_t n, int64_t k, float *values, in
 VECTOR_CLONES
 static void head_generic(const float *q, const float *K, const float *V, int64_t n, int64_t Dh, float *s,
                          float *out) {
-    for (int64_t t = 0; t < n; t++) s[t] = dot(q, K + t * Dh, Dh);
+    for (int64_t t = 0; t < n; t++) s[t] = nmt_dot(q, K + t * Dh, Dh);
     softmax_values(s, V, n, Dh, out);
 }
 
@@ -250,9 +235,8 @@ void nmt_cross_attention(const float *q, const float *kc, const float *vc, const
 
 /* ---- top-k of the log-probabilities ---- */
 
-/* Put (v, id) among the `have` best kept so far (values descending), after every kept value >= v, so
- * that equal values keep index order; the k-th is dropped once there are k. */
-static void insert(float v, int64_t id, int64_t k, int64_t *have, float *values, int64_t *ids) {
+void nmt_keep_best(float v, int64_t id, int64_t k, int64_t *have, float *values, int64_t *ids) {
+    if (*have == k && !(v > values[k - 1])) return;
     int64_t at = *have < k ? *have : k - 1;
     while (at > 0 && values[at - 1] < v) {
         values[at] = values[at - 1];
@@ -275,7 +259,7 @@ static void top_k_row(const float *x, int64_t n, int64_t k, float *values, int64
 #endif
     int64_t have = 0;
     for (int64_t i = 0; i < n; i++)
-        if (have < k || x[i] > values[k - 1]) insert(x[i], i, k, &have, values, ids);
+        if (have < k || x[i] > values[k - 1]) nmt_keep_best(x[i], i, k, &have, values, ids); /* rarely */
 }
 
 void nmt_top_k(const float *x, int64_t R, int64_t V, int64_t k, float *values, int64_t *ids) {

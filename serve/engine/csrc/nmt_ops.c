@@ -19,6 +19,10 @@
  *     (1, 1) zeros: the slot decoder's If on top_k (greedy steps take their argmax on the host). One
  *     pass per row that compares 16 values at a time with the k-th best so far: ONNX Runtime's TopK
  *     (6-7 us per 8000-wide row) and the If around it cost more than the log-softmax before them.
+ *   ProjectionTopK(h, w8, scale, sums, bounds, w, bias, top_k) -> (values, ids)
+ *     the top_k best of h (R, K) . w^T + bias, w (V, K): the values (R, k) are the float32 logits,
+ *     found through int8 estimates with error bounds (projection.c); the slot decoder's greedy head,
+ *     in place of the vocabulary MatMul, LogSoftmax and top-k, when a step needs no scores.
  *
  * serve/engine/native.py rewrites a slot decoder's nodes to these ops, and only where the nodes
  * match exactly these forms. The kernels run on the calling thread.
@@ -33,7 +37,8 @@
 #include "ort_api.h"
 
 /* ---- the ONNX Runtime glue ---- */
-enum { SLOT, CROSS, TOP_K };
+enum { SLOT, CROSS, TOP_K, PROJECTION };
+#define MAX_TOP_K 64 /* ProjectionTopK's k: greedy asks for 1 or 2 */
 
 typedef struct {
     const OrtApi *api;
@@ -150,11 +155,43 @@ static OrtStatus *compute_top_k(const OrtApi *api, OrtKernelContext *ctx, int64_
     return NULL;
 }
 
+static OrtStatus *compute_projection(const OrtApi *api, OrtKernelContext *ctx) {
+    int64_t hd[4], wd[4], sd[4], ud[4], bd[4], fd[4], cd[4], kd[4];
+    void *h, *w8, *scale, *sums, *bounds, *w, *bias, *top_k;
+    CHECK(input(api, ctx, 0, 2, &h, hd));      /* (R, K) */
+    CHECK(input(api, ctx, 1, 4, &w8, wd));     /* (Vp/16, Kp/4, 16, 4) */
+    CHECK(input(api, ctx, 2, 1, &scale, sd));  /* (Vp,) */
+    CHECK(input(api, ctx, 3, 1, &sums, ud));   /* (Vp,) */
+    CHECK(input(api, ctx, 4, 2, &bounds, bd)); /* (3, Vp) */
+    CHECK(input(api, ctx, 5, 2, &w, fd));      /* (V, K) */
+    CHECK(input(api, ctx, 6, 1, &bias, cd));   /* (V,) */
+    CHECK(input(api, ctx, 7, 1, &top_k, kd));  /* [k] */
+    const int64_t R = hd[0], K = hd[1], V = fd[0], Vp = wd[0] * 16, Kp = wd[1] * 4;
+    if (K < 1 || V < 1 || fd[1] != K || wd[2] != 16 || wd[3] != 4 || Vp < V || Vp >= V + 16 || Kp < K ||
+        Kp >= K + 4 || sd[0] != Vp || ud[0] != Vp || bd[0] != 3 || bd[1] != Vp || cd[0] != V)
+        return fail(api, "ProjectionTopK: h (R, K), w8 (Vp/16, Kp/4, 16, 4), scale and sums (Vp,), bounds "
+                         "(3, Vp), w (V, K) and bias (V,) disagree (Vp, Kp: V, K rounded up to 16 and 4)");
+    if (K > 65536) return fail(api, "ProjectionTopK: K above 65536 (the int32 estimates could overflow)");
+    const int64_t k = kd[0] == 1 ? *(const int64_t *)top_k : -1;
+    if (k < 1 || k > V || k > MAX_TOP_K)
+        return fail(api, "ProjectionTopK: top_k must be one number in [1, 64] and at most the vocabulary");
+    const int64_t dims[2] = {R, k};
+    float *values;
+    int64_t *ids;
+    CHECK(output(api, ctx, 0, dims, 2, &values));
+    CHECK(output(api, ctx, 1, dims, 2, (float **)&ids));
+    const NmtProjection P = {w8, scale, sums, bounds, w, bias, V, K, Vp, Kp};
+    if (nmt_projection_top_k(&P, h, R, k, values, ids))
+        return API(api, CREATE_STATUS, CreateStatusFn)(ORT_FAIL, "ProjectionTopK: out of memory");
+    return NULL;
+}
+
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     const Kernel *kern = kernel;
     switch (kern->op) {
     case SLOT: return compute_slot(kern->api, ctx);
     case CROSS: return compute_cross(kern->api, ctx);
+    case PROJECTION: return compute_projection(kern->api, ctx);
     default: return compute_top_k(kern->api, ctx, kern->min_k);
     }
 }
@@ -162,6 +199,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
 static const char *slot_name(const OrtCustomOp *op) { (void)op; return "SlotAttention"; }
 static const char *cross_name(const OrtCustomOp *op) { (void)op; return "CrossAttention"; }
 static const char *top_k_name(const OrtCustomOp *op) { (void)op; return "ConditionalTopK"; }
+static const char *projection_name(const OrtCustomOp *op) { (void)op; return "ProjectionTopK"; }
 static const char *any_provider(const OrtCustomOp *op) { (void)op; return NULL; } /* NULL: CPU */
 static size_t four_inputs(const OrtCustomOp *op) { (void)op; return 4; }
 static size_t slot_outputs(const OrtCustomOp *op) { (void)op; return 3; }
@@ -169,6 +207,13 @@ static size_t one_output(const OrtCustomOp *op) { (void)op; return 1; }
 static size_t two_inputs(const OrtCustomOp *op) { (void)op; return 2; }
 static int values_and_k(const OrtCustomOp *op, size_t i) { (void)op; return i == 0 ? TYPE_FLOAT : TYPE_INT64; }
 static int top_k_outputs(const OrtCustomOp *op, size_t i) { (void)op; return i == 1 ? TYPE_INT64 : TYPE_FLOAT; }
+static size_t eight_inputs(const OrtCustomOp *op) { (void)op; return 8; }
+static int projection_inputs(const OrtCustomOp *op, size_t i) {
+    (void)op;
+    static const int types[8] = {TYPE_FLOAT, TYPE_INT8, TYPE_FLOAT, TYPE_INT32, TYPE_FLOAT, TYPE_FLOAT, TYPE_FLOAT,
+                                 TYPE_INT64};
+    return i < 8 ? types[i] : TYPE_FLOAT;
+}
 static size_t two_outputs(const OrtCustomOp *op) { (void)op; return 2; }
 static int float_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
 static int last_is_int32(const OrtCustomOp *op, size_t i) { (void)op; return i == 3 ? TYPE_INT32 : TYPE_FLOAT; }
@@ -200,6 +245,11 @@ static OrtStatus *create_top_k(const OrtCustomOp *op, const OrtApi *api, const O
     (void)op;
     return create_kernel(api, TOP_K, info, kernel);
 }
+static OrtStatus *create_projection(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info,
+                                    void **kernel) {
+    (void)op;
+    return create_kernel(api, PROJECTION, info, kernel);
+}
 static void destroy(void *kernel) { free(kernel); }
 
 static const OrtCustomOp SLOT_OP = {
@@ -215,6 +265,11 @@ static const OrtCustomOp TOP_K_OP = {
     NULL, destroy, required, required, default_memory, no_variadic, no_variadic, no_variadic, no_variadic,
     create_top_k, compute};
 
+static const OrtCustomOp PROJECTION_OP = {
+    API_VERSION, NULL, projection_name, any_provider, projection_inputs, eight_inputs, top_k_outputs, two_outputs,
+    NULL, destroy, required, required, default_memory, no_variadic, no_variadic, no_variadic, no_variadic,
+    create_projection, compute};
+
 /* The entry point SessionOptions.register_custom_ops_library calls: the "nmt" domain and its ops. */
 __attribute__((visibility("default")))
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
@@ -226,5 +281,6 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     CHECK(API(api, CUSTOM_OP_DOMAIN_ADD, DomainAddFn)(domain, &SLOT_OP));
     CHECK(API(api, CUSTOM_OP_DOMAIN_ADD, DomainAddFn)(domain, &CROSS_OP));
     CHECK(API(api, CUSTOM_OP_DOMAIN_ADD, DomainAddFn)(domain, &TOP_K_OP));
+    CHECK(API(api, CUSTOM_OP_DOMAIN_ADD, DomainAddFn)(domain, &PROJECTION_OP));
     return API(api, ADD_CUSTOM_OP_DOMAIN, AddDomainFn)(options, domain); /* kept for the process */
 }

@@ -22,7 +22,7 @@ typedef struct OrtApiBase {
 } OrtApiBase;
 
 enum { API_VERSION = 16 };          /* KernelComputeV2: errors come back as statuses */
-enum { TYPE_FLOAT = 1, TYPE_INT32 = 6, TYPE_INT64 = 7 }; /* ONNXTensorElementDataType */
+enum { TYPE_FLOAT = 1, TYPE_INT8 = 3, TYPE_INT32 = 6, TYPE_INT64 = 7 }; /* ONNXTensorElementDataType */
 enum { REQUIRED = 0 };                       /* OrtCustomOpInputOutputCharacteristic */
 enum { MEM_DEFAULT = 0 };                    /* OrtMemType */
 enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 }; /* OrtErrorCode */
