@@ -9,6 +9,7 @@ Per row count, on the same inputs, runs interleaved, best of --repeats:
   * cross: MultiHeadAttention against nmt.CrossAttention over --source tokens (a tenth of them padding),
     one query per source row, and four (a source's beams) in the `4 per source` rows;
   * top-k: ONNX TopK against nmt.ConditionalTopK, the k best of each row of --vocab log-probs;
+  * log-softmax top-k: LogSoftmax -> TopK against nmt.LogSoftmaxTopK on --vocab logits (beam steps);
   * greedy head: the vocabulary projection of (rows, heads x head-dim) states, log-softmax and top-1
     (MatMul, LogSoftmax, TopK) against nmt.ProjectionTopK (random weights and states: about as many
     candidates per row as on the trained model, one or two).
@@ -86,17 +87,21 @@ def cross_attention(custom: bool, heads: int, head_dim: int, threads: int = 1) -
     return session(node, ins, ["out"], custom, threads)
 
 
-def top_k(custom: bool, min_k: int = 3, threads: int = 1) -> ort.InferenceSession:
+def top_k(custom: bool, min_k: int = 3, threads: int = 1, log_softmax: bool = False) -> ort.InferenceSession:
     """nmt.ConditionalTopK (inputs x, top_k; outputs values, ids; a (1, 1) placeholder for top_k < min_k),
-    or ONNX TopK."""
+    or ONNX TopK; log_softmax: nmt.LogSoftmaxTopK (every k), or LogSoftmax -> TopK."""
     ins = [helper.make_tensor_value_info("x", FLOAT, [None, None]),
            helper.make_tensor_value_info("top_k", TensorProto.INT64, [1])]
     outs = ["values", "ids"]
-    if custom:
-        node = helper.make_node("ConditionalTopK", ["x", "top_k"], outs, domain=native.DOMAIN, min_k=min_k)
+    if custom and log_softmax:
+        nodes = [helper.make_node("LogSoftmaxTopK", ["x", "top_k"], outs, domain=native.DOMAIN)]
+    elif custom:
+        nodes = [helper.make_node("ConditionalTopK", ["x", "top_k"], outs, domain=native.DOMAIN, min_k=min_k)]
     else:
-        node = helper.make_node("TopK", ["x", "top_k"], outs, axis=-1)
-    return session(node, ins, outs, custom, threads, types={"ids": TensorProto.INT64})
+        first = [helper.make_node("LogSoftmax", ["x"], ["log_probs"], axis=-1)] if log_softmax else []
+        scores = "log_probs" if log_softmax else "x"
+        nodes = first + [helper.make_node("TopK", [scores, "top_k"], outs, axis=-1)]
+    return session(nodes, ins, outs, custom, threads, types={"ids": TensorProto.INT64})
 
 
 def projection(custom: bool, weight: np.ndarray, bias: np.ndarray | None = None,
@@ -168,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = {kind: [make(custom, H, Dh, args.threads) for custom in (False, True)]
              for kind, make in (("self", self_attention), ("cross", cross_attention))}
     pairs["top-k"] = [top_k(custom, threads=args.threads) for custom in (False, True)]
+    pairs["log-softmax"] = [top_k(custom, threads=args.threads, log_softmax=True) for custom in (False, True)]
     weight = (rng.standard_normal((D, args.vocab)) / np.sqrt(D)).astype(np.float32)  # (D, V)
     pairs["head"] = [projection(custom, weight, threads=args.threads) for custom in (False, True)]
     print(f"threads {args.threads}, {H} heads x {Dh}, {args.cached} cached tokens, {S} source tokens; "
@@ -175,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| kernel | rows | ONNX Runtime µs | nmt µs | speed-up |")
     print("|---|---|---|---|---|")
     for rows in args.rows:
-        for kind, group in (("self", 1), ("cross", 1), ("cross", 4), ("top-k", 1), ("head", 1)):
+        for kind, group in (("self", 1), ("cross", 1), ("cross", 4), ("top-k", 1), ("log-softmax", 1),
+                            ("head", 1)):
             if rows % group:
                 continue
             runs: dict[str, Callable[[], object]] = {}
@@ -193,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                               "top_k": np.array([1], np.int64)}
                     outputs = {"values": np.zeros((rows, 1), np.float32),
                                "ids": np.zeros((rows, 1), np.int64)}
-                elif kind == "top-k":
+                elif kind in ("top-k", "log-softmax"):
                     x = rng.standard_normal((rows, args.vocab), dtype=np.float32)
                     inputs = {"x": x, "top_k": np.array([args.k], np.int64)}
                     outputs = {"values": np.zeros((rows, args.k), np.float32),
@@ -211,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             times = best_us(runs, args.repeats)
             label = {1: kind, 4: f"{kind}, 4 per source"}[group]
             label = f"top-{args.k} of {args.vocab}" if kind == "top-k" else label
+            label = f"log-softmax top-{args.k} of {args.vocab}" if kind == "log-softmax" else label
             label = f"greedy head, {D} x {args.vocab}" if kind == "head" else label
             ort_us, nmt_us = times["ort"], times["nmt"]
             print(f"| {label} | {rows} | {ort_us:.1f} | {nmt_us:.1f} | {ort_us / nmt_us:.2f}× |")

@@ -10,7 +10,10 @@ that do the same arithmetic in one pass per (row, head), and one for the top-k:
   * nmt.CrossAttention(query, key, value, key_padding_mask): its cross-attention MultiHeadAttention
     (scale 1, K/V in (B, H, S, Dh), an int32 (B, S) mask);
   * nmt.ConditionalTopK(log_probs, top_k): its If (top_k > 2: TopK of the log-probs, else a (1, 1)
-    placeholder; nmt.bundle.SLOT_HOST_ARGMAX), in one op; the TopK's results exactly.
+    placeholder; nmt.bundle.SLOT_HOST_ARGMAX), in one op; the TopK's results exactly;
+  * nmt.LogSoftmaxTopK(logits, top_k): that and the LogSoftmax before it, for every k, without writing
+    the (R, V) log-probs the top-k would read again (the graph the engine loads then has no log_probs
+    output, and greedy steps read their best tokens from the graph).
 `accelerated` rewrites a slot decoder's nodes of exactly those forms to these ops, in memory: the
 bundle on disk is unchanged, and a node of any other form stays as it is. Without the library (no
 compiler at install) or with EngineConfig(native_kernels=False) the graph runs as exported.
@@ -167,6 +170,33 @@ def _conditional_top_k(graph: GraphProto) -> int:
     return 0
 
 
+def _log_softmax_top_k(graph: GraphProto) -> int:
+    """Replace LogSoftmax -> log_probs -> nmt.ConditionalTopK by nmt.LogSoftmaxTopK on the logits, and
+    drop the log_probs output: the top-k's log-probs without writing every row's (R x V floats, which
+    the top-k then read again); 1 if it did, else 0. Greedy steps then read their best tokens from the
+    graph too (no SLOT_HOST_ARGMAX: serve.engine.runtime checks for the output)."""
+    from onnx import helper
+    made = {o: n for n in graph.node for o in n.output}
+    softmax = made.get(fmt.LOG_PROBS)
+    users = [n for n in graph.node if fmt.LOG_PROBS in n.input]
+    if softmax is None or softmax.op_type != "LogSoftmax" or len(users) != 1:
+        return 0
+    top_k = users[0]
+    if (top_k.op_type != "ConditionalTopK" or top_k.domain != DOMAIN or top_k.input[0] != fmt.LOG_PROBS
+            or _attributes(softmax).get("axis", -1) not in (-1, 1)):
+        return 0
+    fused = helper.make_node("LogSoftmaxTopK", [softmax.input[0], top_k.input[1]], list(top_k.output),
+                             domain=DOMAIN)
+    at = list(graph.node).index(top_k)
+    graph.node.remove(top_k)
+    graph.node.insert(at, fused)
+    graph.node.remove(softmax)
+    outputs = [o for o in graph.output if o.name != fmt.LOG_PROBS]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    return 1
+
+
 def rewrite(model: ModelProto) -> int:
     """Point the slot decoder's attention nodes, and its conditional top-k, at the "nmt" ops, in place;
     returns how many nodes now run on them."""
@@ -273,7 +303,8 @@ def accelerated(path: Path, head: bool = True) -> tuple[bytes, bytes | None] | N
     model = onnx.load(str(path))
     if not rewrite(model):
         return None
-    variant = greedy_head(model) if head and projection_fast() else None
+    variant = greedy_head(model) if head and projection_fast() else None  # from the LogSoftmax form
+    _log_softmax_top_k(model.graph)
     return model.SerializeToString(), None if variant is None else variant.SerializeToString()
 
 

@@ -236,13 +236,15 @@ class Runtime:
                 except Exception as e:
                     log.warning("the slot decoder's greedy head did not load (%s); greedy steps use the "
                                 "full vocabulary projection", e)
-        # Its greedy steps read log_probs and take the argmax on the host (serve.engine.slots.best_of).
+        # Its greedy steps read log_probs and take the argmax on the host (serve.engine.slots.best_of),
+        # unless the graph has no log_probs (on serve.engine.native's LogSoftmaxTopK: its top-k does it).
         self.slot_host_argmax = fmt.SLOT_HOST_ARGMAX in manifest.optimizations
         self.vocab_size = manifest.vocab_size  # the log_probs width: the slot decoder's, when it has one
         if self.slot_decoder is not None:
             outputs = self.slot_decoder.session.get_outputs()
             width = next((o.shape[-1] for o in outputs if o.name == fmt.LOG_PROBS), None)
             self.vocab_size = width if isinstance(width, int) else self.vocab_size
+            self.slot_host_argmax = self.slot_host_argmax and any(o.name == fmt.LOG_PROBS for o in outputs)
         past_type = self.decoder.input_types[fmt.past_name(0, "decoder", "key")]
         self.cache_dtype = NUMPY_DTYPE.get(past_type, np.float32)
         # Alignments need their own graph (a bundle without it serves everything else). It loads on

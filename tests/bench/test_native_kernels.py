@@ -20,9 +20,11 @@ def test_table_has_a_row_per_kernel_and_row_count(capsys):
     printed = capsys.readouterr().out
     rows = re.findall(r"^\| ([a-z ,0-9-]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+× \|$", printed, re.M)
     head = "greedy head, 256 x 50"  # 4 heads x 64
+    lsm = "log-softmax top-3 of 50"
     assert [(kind, n) for kind, n, _, _ in rows] == [
-        ("self", "1"), ("cross", "1"), ("top-3 of 50", "1"), (head, "1"),
-        ("self", "4"), ("cross", "4"), ("cross, 4 per source", "4"), ("top-3 of 50", "4"), (head, "4")]
+        ("self", "1"), ("cross", "1"), ("top-3 of 50", "1"), (lsm, "1"), (head, "1"),
+        ("self", "4"), ("cross", "4"), ("cross, 4 per source", "4"), ("top-3 of 50", "4"), (lsm, "4"),
+        (head, "4")]
     assert all(float(stock) > 0 and float(ours) > 0 for _, _, stock, ours in rows)
 
 

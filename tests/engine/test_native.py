@@ -116,6 +116,21 @@ def test_conditional_top_k_is_top_k(built, rows, vocab, k):
     np.testing.assert_array_equal(values, want_values)
 
 
+@pytest.mark.parametrize("rows,vocab,k", [(1, 8000, 1), (4, 8000, 8), (64, 8000, 2), (3, 37, 37), (5, 40, 9)],
+                         ids=["greedy-one-row", "beam", "min-length", "whole-row", "short-row"])
+def test_log_softmax_top_k_is_log_softmax_then_top_k(built, rows, vocab, k):
+    """nmt.LogSoftmaxTopK against LogSoftmax -> TopK: the same ids (ties lower id first), log-probs to
+    float rounding (another exp), for every k (it replaces the conditional top-k and its log-softmax)."""
+    rng = np.random.default_rng(vocab + k)
+    x = (4 * rng.standard_normal((rows, vocab))).astype(np.float32)
+    x[:, 5:9] = x[:, 20:24] = x.max() + 1  # ties among the best
+    feeds = {"x": x, "top_k": np.array([k], np.int64)}
+    values, ids = top_k(custom=True, log_softmax=True).run(None, feeds)
+    want_values, want_ids = top_k(custom=False, log_softmax=True).run(None, feeds)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(values, want_values, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_inputs_are_errors_not_crashes(built):
     ours = self_attention(True, heads=2, head_dim=16)
     cache = np.zeros((2, 2, 4, 16), np.float32)
@@ -157,14 +172,26 @@ def test_the_slot_decoder_is_rewritten_and_other_forms_are_left_alone(built, tin
     assert native.rewrite(one_node(1.0, TensorProto.FLOAT16)) == 0
 
 
+def test_the_loaded_graph_takes_its_top_k_log_probs_without_writing_them(built, tiny_bundle, translator):
+    """What the engine loads (native.accelerated): the LogSoftmax and the conditional top-k are one
+    nmt.LogSoftmaxTopK and the graph has no log_probs output, so greedy steps read their best tokens
+    from the graph (no host argmax)."""
+    model = onnx.load_from_string(native.accelerated(tiny_bundle / fmt.DECODER_SLOTS_FILE)[0])
+    ops = {(n.domain, n.op_type) for n in model.graph.node}
+    assert ("nmt", "LogSoftmaxTopK") in ops and not {("", "LogSoftmax"), ("nmt", "ConditionalTopK")} & ops
+    assert fmt.LOG_PROBS not in [o.name for o in model.graph.output]
+    assert translator.runtime.native_kernels and not translator.runtime.slot_host_argmax
+
+
 @pytest.fixture(scope="module")
 def stock(tiny_bundle) -> Translator:
     config = EngineConfig(device="cpu", intra_op_threads=1, native_kernels=False)
     return Translator.from_bundle(tiny_bundle, config)
 
 
-@pytest.mark.parametrize("opts", [DecodeOptions(), DecodeOptions(beam_size=4, n_best=2)],
-                         ids=["greedy", "beam4"])
+@pytest.mark.parametrize("opts", [DecodeOptions(), DecodeOptions(min_length=12, return_scores=True),
+                                  DecodeOptions(beam_size=4, n_best=2)],
+                         ids=["greedy", "greedy-scores", "beam4"])
 def test_the_engine_decides_as_with_onnx_runtimes_kernels(built, translator, stock, opts):
     assert translator.runtime.native_kernels and not stock.runtime.native_kernels
     sources = translator.tokenize(read_lines("test_2016_flickr", "en", 40))
@@ -220,6 +247,9 @@ x = rng.standard_normal((R, 1000), dtype=np.float32)
 x[:, 10:14] = 4.0
 a, b = (top_k(custom).run(None, {"x": x, "top_k": np.array([8])}) for custom in (False, True))
 print(int((a[1] != b[1]).sum()), float(np.abs(a[0] - b[0]).max()))
+feeds = {"x": x, "top_k": np.array([8])}
+a, b = (top_k(custom, log_softmax=True).run(None, feeds) for custom in (False, True))
+print(int((a[1] != b[1]).sum()), float(np.abs(a[0] - b[0]).max()))
 """
 
 
@@ -229,6 +259,7 @@ def test_the_portable_loops_match_too(built):
     out = subprocess.run([sys.executable, "-c", PORTABLE], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert out.returncode == 0, out.stderr
-    self_diff, cross_diff, top = out.stdout.split("\n")[:3]
+    self_diff, cross_diff, top, log_softmax = out.stdout.split("\n")[:4]
     assert float(self_diff) < 1e-5 and float(cross_diff) < 1e-5
     assert top.split()[0] == "0" and float(top.split()[1]) == 0.0
+    assert log_softmax.split()[0] == "0" and float(log_softmax.split()[1]) < 1e-5

@@ -159,9 +159,22 @@ static void top_k_avx512(const float *x, int64_t n, int64_t k, float *values, in
         while (beats) {
             const int j = __builtin_ctz(beats);
             beats &= beats - 1;
-            nmt_keep_best(x[start + j], start + j, k, &have, values, ids);
+            if (have < k || x[start + j] > values[k - 1])
+                nmt_keep_best(x[start + j], start + j, k, &have, values, ids);
         }
     }
+}
+
+/* sum of exp(x[i] - m) over n floats (m >= every x[i]), 16 at a time. */
+__attribute__((target("avx512f")))
+static float sum_exp_avx512(const float *x, int64_t n, float m) {
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 live = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        s = _mm512_mask_add_ps(s, live, s, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, x + i), mv)));
+    }
+    return _mm512_reduce_add_ps(s);
 }
 #else
 #define HAVE_AVX512_PATH 0
@@ -235,19 +248,6 @@ void nmt_cross_attention(const float *q, const float *kc, const float *vc, const
 
 /* ---- top-k of the log-probabilities ---- */
 
-void nmt_keep_best(float v, int64_t id, int64_t k, int64_t *have, float *values, int64_t *ids) {
-    if (*have == k && !(v > values[k - 1])) return;
-    int64_t at = *have < k ? *have : k - 1;
-    while (at > 0 && values[at - 1] < v) {
-        values[at] = values[at - 1];
-        ids[at] = ids[at - 1];
-        at--;
-    }
-    values[at] = v;
-    ids[at] = id;
-    if (*have < k) (*have)++;
-}
-
 /* The k best of x (n floats) into values/ids, best first and the lower index first among equal values
  * (ONNX TopK's order), in one pass: only a value that beats the k-th best so far is inserted. */
 static void top_k_row(const float *x, int64_t n, int64_t k, float *values, int64_t *ids) {
@@ -264,4 +264,27 @@ static void top_k_row(const float *x, int64_t n, int64_t k, float *values, int64
 
 void nmt_top_k(const float *x, int64_t R, int64_t V, int64_t k, float *values, int64_t *ids) {
     for (int64_t r = 0; r < R; r++) top_k_row(x + r * V, V, k, values + r * k, ids + r * k);
+}
+
+VECTOR_CLONES
+static float sum_exp_generic(const float *x, int64_t n, float m) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += exp_nonpositive(x[i] - m);
+    return s;
+}
+
+void nmt_log_softmax_top_k(const float *x, int64_t R, int64_t V, int64_t k, float *values, int64_t *ids) {
+    for (int64_t r = 0; r < R; r++) {
+        const float *row = x + r * V;
+        float *best = values + r * k;
+        top_k_row(row, V, k, best, ids + r * k);
+        const float m = best[0]; /* the row's maximum: its best value */
+#if HAVE_AVX512_PATH
+        const float sum = cpu_has_avx512() ? sum_exp_avx512(row, V, m) : sum_exp_generic(row, V, m);
+#else
+        const float sum = sum_exp_generic(row, V, m);
+#endif
+        const float log_sum = logf(sum);
+        for (int64_t j = 0; j < k; j++) best[j] = (best[j] - m) - log_sum; /* as LogSoftmax: x - max - log(sum) */
+    }
 }

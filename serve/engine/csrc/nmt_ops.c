@@ -19,6 +19,10 @@
  *     (1, 1) zeros: the slot decoder's If on top_k (greedy steps take their argmax on the host). One
  *     pass per row that compares 16 values at a time with the k-th best so far: ONNX Runtime's TopK
  *     (6-7 us per 8000-wide row) and the If around it cost more than the log-softmax before them.
+ *   LogSoftmaxTopK(logits, top_k) -> (values, ids)
+ *     TopK of LogSoftmax(logits) (R, V) for any top_k, without writing the log-probs: the top k of the
+ *     logits, then one pass of exp for each row's log-sum-exp. In place of the LogSoftmax and the
+ *     ConditionalTopK where nothing else reads the log-probs (beam search reads only the top 2k).
  *   ProjectionTopK(h, w8, scale, sums, bounds, w, bias, top_k) -> (values, ids)
  *     the top_k best of h (R, K) . w^T + bias, w (V, K): the values (R, k) are the float32 logits,
  *     found through int8 estimates with error bounds (projection.c); the slot decoder's greedy head,
@@ -37,7 +41,7 @@
 #include "ort_api.h"
 
 /* ---- the ONNX Runtime glue ---- */
-enum { SLOT, CROSS, TOP_K, PROJECTION };
+enum { SLOT, CROSS, TOP_K, LOG_SOFTMAX_TOP_K, PROJECTION };
 #define MAX_TOP_K 64 /* ProjectionTopK's k: greedy asks for 1 or 2 */
 
 typedef struct {
@@ -134,13 +138,14 @@ static OrtStatus *compute_cross(const OrtApi *api, OrtKernelContext *ctx) {
     return NULL;
 }
 
-static OrtStatus *compute_top_k(const OrtApi *api, OrtKernelContext *ctx, int64_t min_k) {
+/* ConditionalTopK (log_softmax 0) and LogSoftmaxTopK (log_softmax 1, min_k 1). */
+static OrtStatus *compute_top_k(const OrtApi *api, OrtKernelContext *ctx, int64_t min_k, int log_softmax) {
     int64_t xd[4], kd[4];
     void *x, *top_k;
     CHECK(input(api, ctx, 0, 2, &x, xd));     /* (R, V) */
     CHECK(input(api, ctx, 1, 1, &top_k, kd)); /* [k] */
     const int64_t R = xd[0], V = xd[1], k = kd[0] == 1 ? *(const int64_t *)top_k : -1;
-    if (k < 1 || k > V) return fail(api, "ConditionalTopK: top_k must be one number in [1, the row length]");
+    if (k < 1 || k > V) return fail(api, "top-k: top_k must be one number in [1, the row length]");
     const int64_t dims[2] = {k >= min_k ? R : 1, k >= min_k ? k : 1}; /* (1, 1): a placeholder */
     float *values;
     int64_t *ids;
@@ -149,6 +154,8 @@ static OrtStatus *compute_top_k(const OrtApi *api, OrtKernelContext *ctx, int64_
     if (k < min_k) {
         values[0] = 0.0f;
         ids[0] = 0;
+    } else if (log_softmax) {
+        nmt_log_softmax_top_k(x, R, V, k, values, ids);
     } else {
         nmt_top_k(x, R, V, k, values, ids);
     }
@@ -192,13 +199,15 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     case SLOT: return compute_slot(kern->api, ctx);
     case CROSS: return compute_cross(kern->api, ctx);
     case PROJECTION: return compute_projection(kern->api, ctx);
-    default: return compute_top_k(kern->api, ctx, kern->min_k);
+    case LOG_SOFTMAX_TOP_K: return compute_top_k(kern->api, ctx, 1, 1);
+    default: return compute_top_k(kern->api, ctx, kern->min_k, 0);
     }
 }
 
 static const char *slot_name(const OrtCustomOp *op) { (void)op; return "SlotAttention"; }
 static const char *cross_name(const OrtCustomOp *op) { (void)op; return "CrossAttention"; }
 static const char *top_k_name(const OrtCustomOp *op) { (void)op; return "ConditionalTopK"; }
+static const char *log_softmax_top_k_name(const OrtCustomOp *op) { (void)op; return "LogSoftmaxTopK"; }
 static const char *projection_name(const OrtCustomOp *op) { (void)op; return "ProjectionTopK"; }
 static const char *any_provider(const OrtCustomOp *op) { (void)op; return NULL; } /* NULL: CPU */
 static size_t four_inputs(const OrtCustomOp *op) { (void)op; return 4; }
@@ -233,42 +242,34 @@ static OrtStatus *create_kernel(const OrtApi *api, int op, const OrtKernelInfo *
     *kernel = k;
     return NULL;
 }
-static OrtStatus *create_slot(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
-    (void)op;
-    return create_kernel(api, SLOT, info, kernel);
-}
-static OrtStatus *create_cross(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
-    (void)op;
-    return create_kernel(api, CROSS, info, kernel);
-}
-static OrtStatus *create_top_k(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
-    (void)op;
-    return create_kernel(api, TOP_K, info, kernel);
-}
-static OrtStatus *create_projection(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info,
-                                    void **kernel) {
-    (void)op;
-    return create_kernel(api, PROJECTION, info, kernel);
-}
+/* CreateKernelV2 of each op: its Kernel, with the op's attributes read. */
+#define CREATE(fn, which)                                                                                \
+    static OrtStatus *fn(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) { \
+        (void)op;                                                                                        \
+        return create_kernel(api, which, info, kernel);                                                  \
+    }
+CREATE(create_slot, SLOT)
+CREATE(create_cross, CROSS)
+CREATE(create_top_k, TOP_K)
+CREATE(create_log_softmax_top_k, LOG_SOFTMAX_TOP_K)
+CREATE(create_projection, PROJECTION)
 static void destroy(void *kernel) { free(kernel); }
 
-static const OrtCustomOp SLOT_OP = {
-    API_VERSION, NULL, slot_name, any_provider, last_is_int32, four_inputs, float_type, slot_outputs,
-    NULL, destroy, required, required, default_memory, no_variadic, no_variadic, no_variadic, no_variadic,
-    create_slot, compute};
-static const OrtCustomOp CROSS_OP = {
-    API_VERSION, NULL, cross_name, any_provider, last_is_int32, four_inputs, float_type, one_output,
-    NULL, destroy, required, required, default_memory, no_variadic, no_variadic, no_variadic, no_variadic,
-    create_cross, compute};
-static const OrtCustomOp TOP_K_OP = {
-    API_VERSION, NULL, top_k_name, any_provider, values_and_k, two_inputs, top_k_outputs, two_outputs,
-    NULL, destroy, required, required, default_memory, no_variadic, no_variadic, no_variadic, no_variadic,
-    create_top_k, compute};
-
-static const OrtCustomOp PROJECTION_OP = {
-    API_VERSION, NULL, projection_name, any_provider, projection_inputs, eight_inputs, top_k_outputs, two_outputs,
-    NULL, destroy, required, required, default_memory, no_variadic, no_variadic, no_variadic, no_variadic,
-    create_projection, compute};
+/* An op of API version 16: its name, input and output types and counts, and its CreateKernelV2; every
+ * input and output required, on the CPU, computed by compute(). */
+#define CUSTOM_OP(name, input_types, inputs, output_types, outputs, create)                                  \
+    {API_VERSION, NULL, name, any_provider, input_types, inputs, output_types, outputs, NULL, destroy,        \
+     required, required, default_memory, no_variadic, no_variadic, no_variadic, no_variadic, create, compute}
+static const OrtCustomOp SLOT_OP = CUSTOM_OP(slot_name, last_is_int32, four_inputs, float_type, slot_outputs,
+                                             create_slot);
+static const OrtCustomOp CROSS_OP = CUSTOM_OP(cross_name, last_is_int32, four_inputs, float_type, one_output,
+                                              create_cross);
+static const OrtCustomOp TOP_K_OP = CUSTOM_OP(top_k_name, values_and_k, two_inputs, top_k_outputs, two_outputs,
+                                              create_top_k);
+static const OrtCustomOp LOG_SOFTMAX_TOP_K_OP = CUSTOM_OP(log_softmax_top_k_name, values_and_k, two_inputs,
+                                                          top_k_outputs, two_outputs, create_log_softmax_top_k);
+static const OrtCustomOp PROJECTION_OP = CUSTOM_OP(projection_name, projection_inputs, eight_inputs, top_k_outputs,
+                                                   two_outputs, create_projection);
 
 /* The entry point SessionOptions.register_custom_ops_library calls: the "nmt" domain and its ops. */
 __attribute__((visibility("default")))
@@ -281,6 +282,7 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     CHECK(API(api, CUSTOM_OP_DOMAIN_ADD, DomainAddFn)(domain, &SLOT_OP));
     CHECK(API(api, CUSTOM_OP_DOMAIN_ADD, DomainAddFn)(domain, &CROSS_OP));
     CHECK(API(api, CUSTOM_OP_DOMAIN_ADD, DomainAddFn)(domain, &TOP_K_OP));
+    CHECK(API(api, CUSTOM_OP_DOMAIN_ADD, DomainAddFn)(domain, &LOG_SOFTMAX_TOP_K_OP));
     CHECK(API(api, CUSTOM_OP_DOMAIN_ADD, DomainAddFn)(domain, &PROJECTION_OP));
     return API(api, ADD_CUSTOM_OP_DOMAIN, AddDomainFn)(options, domain); /* kept for the process */
 }
