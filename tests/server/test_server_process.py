@@ -17,6 +17,7 @@ import grpc
 import pytest
 from conftest import read_lines
 
+from nmt.decoding import DecodeOptions
 from serve.protocol.client import TranslatorClient
 from serve.protocol.errors import TranslatorError
 
@@ -81,7 +82,10 @@ def engine(tiny_bundle):
 
 
 # Requests must provably be accepted and pending at SIGTERM. static: the queue waits 1 s for more work;
-# continuous: a budget of one text at a time keeps the others queued.
+# continuous: a budget of one text at a time keeps the others queued, and 60 tokens a text (LONG) keep
+# them there long enough to see (the tiny model decodes a plain text in a few ms: the queue sometimes
+# emptied before a metrics poll saw it full).
+LONG = DecodeOptions(min_length=60, max_length_a=0, max_length_b=60)
 PENDING = {"static": ["--batching", "static", "--max-delay-ms", "1000", "--batch-wait", "always"],
            "continuous": ["--batching", "continuous", "--max-batch-tokens", "1"]}
 
@@ -100,9 +104,12 @@ def test_sigterm_drains_every_accepted_request_and_exits_0(tiny_bundle, engine, 
             assert (health.returncode, health.stdout.strip()) == (0, "SERVING")
 
             with ThreadPoolExecutor(6) as pool:
-                futures = [pool.submit(client.translate, TEXTS[2 * i:2 * i + 2], None, 60) for i in range(6)]
-                queued = 12 if mode == "static" else 8  # continuous: one text may already be running
+                futures = [pool.submit(client.translate, TEXTS[2 * i:2 * i + 2], LONG, 60) for i in range(6)]
+                # continuous: one text may be running and the next ones taken to be encoded ahead
+                queued = 12 if mode == "static" else 6
+                end = time.monotonic() + 60
                 while metric(metrics_port, 'nmt_queue_depth{model="en-de"}') < queued:
+                    assert time.monotonic() < end, f"never {queued} texts queued"
                     time.sleep(0.01)
                 server.proc.send_signal(signal.SIGTERM)
                 refused = None
@@ -118,7 +125,7 @@ def test_sigterm_drains_every_accepted_request_and_exits_0(tiny_bundle, engine, 
         # races gRPC's own shutdown before any handler sees it (clients retry both elsewhere).
         assert refused is not None
         assert refused.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), refused
-        want = engine.translate(TEXTS)
+        want = engine.translate(TEXTS, LONG)
         assert [r.text for rs in results for r in rs] == [w.text for w in want]
         assert server.proc.wait(30) == 0
         assert "draining" in server.stderr and "Traceback" not in server.stderr
