@@ -288,10 +288,10 @@ def greedy_head(model: ModelProto) -> ModelProto | None:
 
 
 def accelerated(path: Path, head: bool = True) -> tuple[bytes, bytes | None] | None:
-    """The slot decoder at `path` with its attention and top-k on the compiled kernels, serialized, and
-    (head, where the CPU runs ProjectionTopK fast: projection_fast) its greedy_head variant; None (the
-    graph runs as exported) without the library or a node to rewrite. Sessions of them need
-    `register(options)`."""
+    """The slot decoder at `path` with its attention, log-softmax and top-k on the compiled kernels
+    (rewrite, then LogSoftmaxTopK: no log_probs output), serialized, and (head, where the CPU runs
+    ProjectionTopK fast: projection_fast) its greedy_head variant; None (the graph runs as exported)
+    without the library or a node to rewrite. Sessions of them need `register(options)`."""
     if library_path() is None:
         log.info("serve.engine._nmt_ops is not built: the slot decoder runs on ONNX Runtime's kernels")
         return None
