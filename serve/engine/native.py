@@ -229,7 +229,8 @@ def greedy_head(model: ModelProto) -> ModelProto | None:
     """A copy of the slot decoder whose vocabulary projection, log-softmax and top-k are one
     nmt.ProjectionTopK: its topk_values are float32 logits (not log-probs) and it has no log_probs
     output. For steps that need no scores (greedy without return_scores); None when the graph's tail is
-    not MatMul(h, W) [+ bias] -> LogSoftmax -> log_probs -> top-k, W a float32 initializer."""
+    not MatMul(h, W) [+ bias] -> LogSoftmax -> log_probs -> nmt.ConditionalTopK(log_probs, top_k) (as
+    `rewrite` leaves it), W a float32 initializer."""
     from onnx import ModelProto, TensorProto, helper, numpy_helper
     graph = model.graph
     made = {o: n for n in graph.node for o in n.output}
@@ -237,6 +238,9 @@ def greedy_head(model: ModelProto) -> ModelProto | None:
     softmax, top_k = made.get(fmt.LOG_PROBS), made.get(fmt.TOPK_VALUES)
     if made.get(fmt.TOPK_INDICES) is not top_k or softmax is None or top_k is None:
         return None
+    form = ("ConditionalTopK", DOMAIN, [fmt.LOG_PROBS, fmt.TOP_K])
+    if (top_k.op_type, top_k.domain, list(top_k.input)) != form:
+        return None  # ProjectionTopK's top-k is the log-probs' only where the top-k reads them
     if softmax.op_type != "LogSoftmax" or _attributes(softmax).get("axis", -1) not in (-1, 1):
         return None
     logits = made.get(softmax.input[0])
@@ -259,10 +263,6 @@ def greedy_head(model: ModelProto) -> ModelProto | None:
         return None  # something else reads the logits or log-probs
     inputs = projection_weights(numpy_helper.to_array(weight),
                                 None if bias is None else numpy_helper.to_array(bias))
-    if top_k.op_type == "If":  # the Greater feeding it goes too, when nothing else reads it
-        greater = made.get(top_k.input[0])
-        if greater is not None and greater.output[0] not in users:
-            tail.append(greater)
     drop = [i for i, n in enumerate(graph.node) if any(n is t for t in tail)]  # positions: names may be empty
     head = ModelProto()
     head.CopyFrom(model)
